@@ -1,0 +1,122 @@
+"""Change trackers: what changed since the last sync, per Service.
+
+As in kube-proxy, each tracker keeps the state last applied to the kernel and
+the latest state seen from the API. A Service whose latest state equals the
+applied one has no pending change, however many events came in between (an
+update and its revert cancel out). `apply()` moves the pending state into the
+applied maps and returns the Services that changed: that set drives partial
+syncs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ipaddress import IPv4Address
+
+from pykubeproxy.convert import EndpointSliceInfo, Family, endpoint_slice, service_ports
+from pykubeproxy.model import (
+    Endpoint,
+    EndpointsMap,
+    NamespacedName,
+    ServicePortMap,
+    ServicePortName,
+)
+
+
+@dataclass
+class ServiceChangeTracker:
+    """Pending Service changes, keyed by Service."""
+
+    family: Family = IPv4Address
+    service_map: ServicePortMap = field(default_factory=dict)
+    _applied: dict[NamespacedName, ServicePortMap] = field(default_factory=dict)
+    _latest: dict[NamespacedName, ServicePortMap] = field(default_factory=dict)
+
+    def update(self, name: NamespacedName, obj: Any | None) -> bool:
+        """Record the latest version of a Service (None once deleted)."""
+        self._latest[name] = service_ports(obj, self.family) if obj is not None else {}
+        if self._latest[name] == self._applied.get(name, {}):
+            del self._latest[name]
+        return bool(self._latest)
+
+    def pending(self) -> int:
+        return len(self._latest)
+
+    def apply(self) -> set[NamespacedName]:
+        """Make the pending changes current; return the Services that changed."""
+        changed = set(self._latest)
+        for name, ports in self._latest.items():
+            for port_name in self._applied.pop(name, {}):
+                del self.service_map[port_name]
+            if ports:
+                self._applied[name] = ports
+                self.service_map.update(ports)
+        self._latest.clear()
+        return changed
+
+
+@dataclass
+class EndpointsChangeTracker:
+    """Merges the EndpointSlices of each Service and tracks pending changes."""
+
+    family: Family = IPv4Address
+    endpoints_map: EndpointsMap = field(default_factory=dict)
+    _slices: dict[NamespacedName, dict[str, EndpointSliceInfo]] = field(default_factory=dict)
+    _applied: dict[NamespacedName, EndpointsMap] = field(default_factory=dict)
+    _dirty: set[NamespacedName] = field(default_factory=set)
+    _trigger_times: dict[NamespacedName, list[datetime]] = field(default_factory=dict)
+
+    def update(self, service: NamespacedName, slice_name: str, obj: Any | None) -> bool:
+        """Record the latest version of one slice of `service` (None once deleted)."""
+        info = endpoint_slice(obj, self.family) if obj is not None else None
+        slices = self._slices.setdefault(service, {})
+        if info is None:
+            slices.pop(slice_name, None)
+        else:
+            slices[slice_name] = info
+            if info.trigger_time is not None:
+                self._trigger_times.setdefault(service, []).append(info.trigger_time)
+        if not slices:
+            del self._slices[service]
+        if self._merged(service) == self._applied.get(service, {}):
+            self._dirty.discard(service)
+            self._trigger_times.pop(service, None)
+        else:
+            self._dirty.add(service)
+        return bool(self._dirty)
+
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    def _merged(self, service: NamespacedName) -> EndpointsMap:
+        by_port: dict[ServicePortName, dict[str, Endpoint]] = {}
+        for info in self._slices.get(service, {}).values():
+            for port in info.ports:
+                port_name = ServicePortName(service, port.name, port.protocol)
+                known = by_port.setdefault(port_name, {})
+                for endpoint in info.endpoints:
+                    endpoint = dataclasses.replace(endpoint, port=port.port)
+                    if endpoint.address not in known or endpoint.ready:
+                        known[endpoint.address] = endpoint
+        return {
+            name: tuple(endpoints[address] for address in sorted(endpoints))
+            for name, endpoints in by_port.items()
+        }
+
+    def apply(self) -> tuple[set[NamespacedName], list[datetime]]:
+        """Make pending changes current; return changed Services and trigger times."""
+        changed = set(self._dirty)
+        for service in changed:
+            for port_name in self._applied.pop(service, {}):
+                del self.endpoints_map[port_name]
+            merged = self._merged(service)
+            if merged:
+                self._applied[service] = merged
+                self.endpoints_map.update(merged)
+        self._dirty.clear()
+        times = [t for service in changed for t in self._trigger_times.pop(service, [])]
+        return changed, times

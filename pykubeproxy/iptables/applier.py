@@ -1,0 +1,227 @@
+"""Make the kernel's legacy xtables match a rendered `TableState` (python-iptables).
+
+One transaction per table: the table is read once (libiptc's iptc_init), the
+agent's chains are rewritten whole in memory, stale chains of the agent are
+deleted, missing jump rules are inserted, and everything lands in one atomic
+commit. Chains and rules the agent does not own are never touched: libiptc
+writes them back exactly as it read them.
+
+Building a rule through python-iptables costs hundreds of microseconds, so the
+binary entry of each distinct rule is built once and cached: a re-sync that
+rewrites unchanged rules only copies cached bytes into libiptc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import iptc
+
+from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, is_owned
+
+log = logging.getLogger(__name__)
+
+XTABLES_LOCK = "/run/xtables.lock"
+IPT_ENTRY_SIZE = ctypes.sizeof(iptc.ip4tc.ipt_entry)
+MATCH_NAME_OFFSET = 2  # struct xt_entry_match: u16 match_size, char name[29], u8 revision
+MATCH_HEADER_SIZE = 32
+COMMENT_SIZE = 256
+
+
+class KeptChainMissing(RuntimeError):
+    """A chain a partial sync relies on is gone or empty: a full sync is needed."""
+
+
+class ApplyError(RuntimeError):
+    """The kernel refused a transaction; nothing of it was applied."""
+
+
+def build_rule(argv: Argv) -> Any:
+    """A python-iptables Rule from kube-proxy-style arguments (``-A CHAIN`` excluded)."""
+    rule = iptc.Rule()
+    module: Any = None
+    negate = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "!":
+            negate = True
+            i += 1
+            continue
+        prefix = "!" if negate else ""
+        negate = False
+        if arg in ("-p", "-s", "-d"):
+            setattr(rule, {"-p": "protocol", "-s": "src", "-d": "dst"}[arg], prefix + argv[i + 1])
+            i += 2
+        elif arg == "-m":
+            module = rule.create_match(argv[i + 1])
+            i += 2
+        elif arg == "-j":
+            module = rule.create_target(argv[i + 1])
+            i += 2
+        elif arg.startswith("--") and module is not None:
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-") and argv[i] != "!":
+                values.append(argv[i])
+                i += 1
+            module.set_parameter(arg[2:], prefix + " ".join(values))
+        else:
+            raise ValueError(f"unsupported rule argument {arg!r} in {argv!r}")
+    if rule.target is None:
+        rule.create_target("")
+    return rule
+
+
+def _jump_identity(entry: Any, table: Any) -> tuple[str, str] | None:
+    """(target, comment) of a kernel rule, read from its raw bytes.
+
+    Walking the entry's match headers needs no extension parsing, so foreign
+    rules with matches python-iptables cannot parse are still read safely.
+    """
+    raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
+    target = table.get_target(entry)
+    if not target:
+        return None
+    comment = ""
+    offset = IPT_ENTRY_SIZE
+    while offset < entry.target_offset:
+        size = int.from_bytes(raw[offset : offset + 2], "little")
+        name = raw[offset + MATCH_NAME_OFFSET : offset + MATCH_NAME_OFFSET + 29].split(b"\0")[0]
+        if name == b"comment":
+            data = raw[offset + MATCH_HEADER_SIZE : offset + MATCH_HEADER_SIZE + COMMENT_SIZE]
+            comment = data.split(b"\0")[0].decode(errors="replace")
+        if size <= 0:
+            break
+        offset += size
+    return target.decode() if isinstance(target, bytes) else str(target), comment
+
+
+@contextmanager
+def xtables_lock(path: str = XTABLES_LOCK) -> Iterator[None]:
+    """Hold the lock iptables -w uses, so other tools never interleave with a commit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as err:
+        log.warning("cannot open %s (%s); applying without the xtables lock", path, err)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class IptcApplier:
+    """Applies rendered tables with python-iptables, one commit per table."""
+
+    def __init__(self, lock_path: str = XTABLES_LOCK) -> None:
+        self.lock_path = lock_path
+        self._entries: dict[Argv, Any] = {}
+
+    def _entry(self, argv: Argv) -> Any:
+        entry = self._entries.get(argv)
+        if entry is None:
+            rule = build_rule(argv)
+            rule.final_check()
+            entry = self._entries[argv] = rule.rule
+        return entry
+
+    def forget_unused(self, live: set[Argv]) -> None:
+        """Drop cached entries no longer rendered, so memory follows the cluster size."""
+        for argv in set(self._entries) - live:
+            del self._entries[argv]
+
+    def apply(self, tables: list[TableState]) -> None:
+        with xtables_lock(self.lock_path):
+            for state in tables:
+                self._apply_table(state)
+
+    def _apply_table(self, state: TableState) -> None:
+        table = iptc.Table(state.name, autocommit=False)
+        table.refresh()
+        try:
+            self._stage(table, state)
+            table.commit()
+        except iptc.IPTCError as err:
+            raise ApplyError(f"{state.name}: {err}") from err
+        finally:
+            table.refresh()
+
+    def _stage(self, table: Any, state: TableState) -> None:
+        if state.kept and not table.is_chain(CANARY):
+            raise KeptChainMissing(f"{state.name}: {CANARY} is gone")
+        for chain in state.kept:
+            if not table.is_chain(chain) or not table.first_rule(chain):
+                raise KeptChainMissing(f"{state.name}: {chain} is gone or empty")
+        existing = {chain.name for chain in table.chains}
+        for chain in state.chains:
+            if chain in existing:
+                table.flush_entries(chain)
+            else:
+                table.create_chain(chain)
+        for chain, rules in state.chains.items():
+            for argv in rules:
+                table.append_entry(chain, self._entry(argv))
+        stale = [c for c in existing if is_owned(c) and c not in state.chains and c not in state.kept]
+        for chain in stale:
+            table.flush_entries(chain)
+        for chain in stale:
+            table.delete_chain(chain)
+        self._ensure_jumps(table, state)
+
+    def _ensure_jumps(self, table: Any, state: TableState) -> None:
+        for jump in reversed(state.jumps):
+            target = jump.argv[-1]
+            comment = jump.argv[jump.argv.index("--comment") + 1]
+            if (target, comment) not in self._identities(table, jump.chain):
+                table.insert_entry(jump.chain, self._entry(jump.argv), 0)
+
+    @staticmethod
+    def _identities(table: Any, chain: str) -> set[tuple[str, str] | None]:
+        found = set()
+        entry = table.first_rule(chain)
+        while entry:
+            found.add(_jump_identity(entry, table))
+            entry = table.next_rule(entry)
+        return found
+
+    def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:
+        """Remove every chain and jump rule the agent owns (``--cleanup``)."""
+        with xtables_lock(self.lock_path):
+            for name in table_names:
+                table = iptc.Table(name, autocommit=False)
+                table.refresh()
+                try:
+                    self._remove_owned(table)
+                    table.commit()
+                finally:
+                    table.refresh()
+
+    def _remove_owned(self, table: Any) -> None:
+        for chain in table.chains:
+            if not table.builtin_chain(chain.name):
+                continue
+            position = 0
+            entry = table.first_rule(chain.name)
+            doomed = []
+            while entry:
+                identity = _jump_identity(entry, table)
+                if identity is not None and is_owned(identity[0]):
+                    doomed.append(position)
+                position += 1
+                entry = table.next_rule(entry)
+            for index in reversed(doomed):
+                table._iptc.iptc_delete_num_entry(chain.name.encode(), index, table._handle)
+        owned = [chain.name for chain in table.chains if is_owned(chain.name)]
+        for name in owned:
+            table.flush_entries(name)
+        for name in owned:
+            table.delete_chain(name)

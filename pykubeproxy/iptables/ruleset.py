@@ -1,0 +1,108 @@
+"""The desired iptables state as plain data, and its iptables-save text form.
+
+A rule is the argument vector kube-proxy would hand to iptables-restore after
+``-A CHAIN`` (a tuple of strings, comments unquoted). Keeping kube-proxy's own
+argument order makes the golden tests read like upstream's and lets the same
+data feed both appliers: python-iptables (the agent) and iptables-restore
+(benchmark reference).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+
+Argv = tuple[str, ...]
+
+# Chains the agent owns by name, and the prefixes of its per-Service chains.
+SERVICES = "KUBE-SERVICES"
+EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+NODEPORTS = "KUBE-NODEPORTS"
+POSTROUTING = "KUBE-POSTROUTING"
+MARK_MASQ = "KUBE-MARK-MASQ"
+FORWARD = "KUBE-FORWARD"
+PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+FIREWALL = "KUBE-FIREWALL"
+CANARY = "KUBE-PROXY-CANARY"
+OWNED_CHAINS = frozenset(
+    {
+        SERVICES,
+        EXTERNAL_SERVICES,
+        NODEPORTS,
+        POSTROUTING,
+        MARK_MASQ,
+        FORWARD,
+        PROXY_FIREWALL,
+        FIREWALL,
+        CANARY,
+    }
+)
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+
+def is_owned(chain: str) -> bool:
+    """Whether the agent created this chain (kubelet's KUBE-* chains are not ours)."""
+    return chain in OWNED_CHAINS or chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+def chain_hash(text: str) -> str:
+    """kube-proxy's name hash: base32 of sha256, first 16 characters."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+@dataclass(frozen=True)
+class Jump:
+    """A rule the agent keeps in a built-in chain (``-I`` once, if missing)."""
+
+    chain: str
+    argv: Argv
+
+
+@dataclass
+class TableState:
+    """The desired content of one table for one sync.
+
+    `chains` are written whole (created, or flushed and refilled). `kept` are
+    owned chains that must exist but are left as they are (unchanged Services
+    in a partial sync). Every other owned chain in the kernel is stale and is
+    deleted.
+    """
+
+    name: str
+    chains: dict[str, list[Argv]] = field(default_factory=dict)
+    kept: set[str] = field(default_factory=set)
+    jumps: list[Jump] = field(default_factory=list)
+
+    def rule_count(self) -> int:
+        return sum(len(rules) for rules in self.chains.values())
+
+
+def quote(arg: str) -> str:
+    """Quote an argument the way iptables-save does (only when it has spaces)."""
+    if arg == "" or any(c in arg for c in ' \t"'):
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return arg
+
+
+def format_rule(chain: str, argv: Argv, op: str = "-A") -> str:
+    return " ".join([op, chain, *(quote(a) for a in argv)])
+
+
+def restore_text(tables: list[TableState], *, with_jumps: bool = False) -> str:
+    """iptables-restore input for the written chains, in kube-proxy's layout.
+
+    Kept chains are declared too (``:CHAIN``), which is harmless with --noflush
+    only for chains that are not rewritten; callers that need kept chains
+    untouched use the python-iptables applier instead.
+    """
+    lines: list[str] = []
+    for table in tables:
+        lines.append(f"*{table.name}")
+        lines.extend(f":{chain} - [0:0]" for chain in table.chains)
+        if with_jumps:
+            lines.extend(format_rule(jump.chain, jump.argv, "-I") for jump in table.jumps)
+        for chain, rules in table.chains.items():
+            lines.extend(format_rule(chain, rule) for rule in rules)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""The typed model every backend works from.
+
+Raw API objects are translated into these frozen values once, at the edge
+(`convert`), so that the change trackers, the renderers and the tests deal only
+with validated, hashable data. The shape mirrors kube-proxy's: a Service is
+split into one `ServicePort` per port, keyed by `ServicePortName`
+(``ns/name:port``), and its endpoints are the merged EndpointSlices of that
+Service, filtered to the port.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+class Protocol(enum.StrEnum):
+    """Service protocols; the value is the lowercase form iptables takes."""
+
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+
+
+@dataclass(frozen=True, order=True)
+class NamespacedName:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, order=True)
+class ServicePortName:
+    """kube-proxy's ServicePortName: the string form is hashed into chain names."""
+
+    service: NamespacedName
+    port: str
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        if self.port:
+            return f"{self.service}:{self.port}"
+        return str(self.service)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of one Service, with everything the rules need to know."""
+
+    name: ServicePortName
+    cluster_ip: IPAddress
+    port: int
+    node_port: int = 0
+    external_ips: tuple[IPAddress, ...] = ()
+    load_balancer_ips: tuple[IPAddress, ...] = ()
+    load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
+    session_affinity_seconds: int | None = None
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    health_check_node_port: int = 0
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.name.protocol
+
+    @property
+    def externally_accessible(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """One backend address of a ServicePort, with the EndpointSlice conditions."""
+
+    ip: IPAddress
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = field(default=None, compare=True)
+    zone_hints: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` as kube-proxy writes it (IPv6 in brackets)."""
+        if isinstance(self.ip, IPv6Address):
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+ServicePortMap = dict[ServicePortName, ServicePort]
+EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
+
+
+def usable_endpoints(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    """The endpoints that get traffic: ready ones (traffic policies come later)."""
+    return tuple(ep for ep in endpoints if ep.ready)
