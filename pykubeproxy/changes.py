@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
-
 from ipaddress import IPv4Address
+from typing import Any
 
 from pykubeproxy.convert import EndpointSliceInfo, Family, endpoint_slice, service_ports
 from pykubeproxy.model import (

@@ -17,13 +17,14 @@ import ctypes
 import fcntl
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import iptc
 
-from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, is_owned
+from pykubeproxy.iptables.ruleset import CANARY, Argv, KeptChainMissing, TableState, is_owned
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ IPT_ENTRY_SIZE = ctypes.sizeof(iptc.ip4tc.ipt_entry)
 MATCH_NAME_OFFSET = 2  # struct xt_entry_match: u16 match_size, char name[29], u8 revision
 MATCH_HEADER_SIZE = 32
 COMMENT_SIZE = 256
-
-
-class KeptChainMissing(RuntimeError):
-    """A chain a partial sync relies on is gone or empty: a full sync is needed."""
 
 
 class ApplyError(RuntimeError):
@@ -170,7 +167,8 @@ class IptcApplier:
         for chain, rules in state.chains.items():
             for argv in rules:
                 table.append_entry(chain, self._entry(argv))
-        stale = [c for c in existing if is_owned(c) and c not in state.chains and c not in state.kept]
+        wanted = state.chains.keys() | state.kept
+        stale = [chain for chain in existing if is_owned(chain) and chain not in wanted]
         for chain in stale:
             table.flush_entries(chain)
         for chain in stale:
@@ -186,12 +184,7 @@ class IptcApplier:
 
     @staticmethod
     def _identities(table: Any, chain: str) -> set[tuple[str, str] | None]:
-        found = set()
-        entry = table.first_rule(chain)
-        while entry:
-            found.add(_jump_identity(entry, table))
-            entry = table.next_rule(entry)
-        return found
+        return {_jump_identity(entry, table) for entry in iter_entries(table, chain)}
 
     def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:
         """Remove every chain and jump rule the agent owns (``--cleanup``)."""
@@ -209,15 +202,12 @@ class IptcApplier:
         for chain in table.chains:
             if not table.builtin_chain(chain.name):
                 continue
-            position = 0
-            entry = table.first_rule(chain.name)
-            doomed = []
-            while entry:
-                identity = _jump_identity(entry, table)
-                if identity is not None and is_owned(identity[0]):
-                    doomed.append(position)
-                position += 1
-                entry = table.next_rule(entry)
+            doomed = [
+                position
+                for position, entry in enumerate(iter_entries(table, chain.name))
+                if (identity := _jump_identity(entry, table)) is not None
+                and is_owned(identity[0])
+            ]
             for index in reversed(doomed):
                 table._iptc.iptc_delete_num_entry(chain.name.encode(), index, table._handle)
         owned = [chain.name for chain in table.chains if is_owned(chain.name)]
@@ -225,3 +215,34 @@ class IptcApplier:
             table.flush_entries(name)
         for name in owned:
             table.delete_chain(name)
+
+
+def backend_report() -> list[str]:
+    """Warnings about the node's iptables backends, one line each, for the start-up log."""
+    try:
+        table = iptc.Table("nat", autocommit=False)
+        table.refresh()
+    except iptc.IPTCError as err:
+        return [f"legacy xtables (ip_tables) is not usable in this kernel: {err}; "
+                "pykubeproxy's iptables mode needs it"]
+    legacy_rules = sum(1 for chain in table.chains if not is_owned(chain.name)
+                       for _ in iter_entries(table, chain.name))
+    try:
+        nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout.split("\n")
+    except OSError:
+        return []
+    nft_tables = [line.removeprefix("table ").strip() for line in nft if line.startswith("table")]
+    if nft_tables and legacy_rules == 0:
+        return [f"this node's rules live in nf_tables ({', '.join(nft_tables)}), "
+                "e.g. iptables-nft; pykubeproxy writes legacy xtables, which the kernel "
+                "evaluates too: list them with iptables-legacy-save, not iptables-nft"]
+    return []
+
+
+def iter_entries(table: Any, chain: str) -> Iterator[Any]:
+    """The kernel entries of one chain, as libiptc holds them."""
+    entry = table.first_rule(chain)
+    while entry:
+        yield entry
+        entry = table.next_rule(entry)

@@ -81,7 +81,9 @@ class ServiceRules:
     nat_chains: dict[str, list[Argv]] = field(default_factory=dict)
 
 
-def render_service(svc: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> ServiceRules:
+def render_service(
+    svc: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig
+) -> ServiceRules:
     """kube-proxy's per-Service-port rules (cluster traffic policy, ready endpoints)."""
     out = ServiceRules()
     name = str(svc.name)
@@ -238,6 +240,7 @@ class Renderer:
                 service_chains.update(rules.nat_chains)
             else:
                 nat.kept.update(rules.nat_chains)
+                nat.kept_rules += sum(len(chain) for chain in rules.nat_chains.values())
         for live in set(self._cache) - set(services):
             del self._cache[live]
 

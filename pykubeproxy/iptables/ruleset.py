@@ -51,6 +51,10 @@ def chain_hash(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
+class KeptChainMissing(RuntimeError):
+    """A chain a partial sync relies on is gone or empty: a full sync is needed."""
+
+
 @dataclass(frozen=True)
 class Jump:
     """A rule the agent keeps in a built-in chain (``-I`` once, if missing)."""
@@ -72,10 +76,12 @@ class TableState:
     name: str
     chains: dict[str, list[Argv]] = field(default_factory=dict)
     kept: set[str] = field(default_factory=set)
+    kept_rules: int = 0
     jumps: list[Jump] = field(default_factory=list)
 
     def rule_count(self) -> int:
-        return sum(len(rules) for rules in self.chains.values())
+        """Rules the agent owns in this table, written or kept (kube-proxy's metric)."""
+        return self.kept_rules + sum(len(rules) for rules in self.chains.values())
 
 
 def quote(arg: str) -> str:

@@ -1,0 +1,5 @@
+"""`python -m pykubeproxy`, the same as the `pykubeproxy` command."""
+
+from pykubeproxy.cli import main
+
+raise SystemExit(main())

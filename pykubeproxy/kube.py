@@ -1,0 +1,250 @@
+"""The only module that talks to the API server (and imports `kubernetes`).
+
+Each watched kind runs kube's reflector loop in its own thread: list (paged,
+with kube-proxy's selectors), deliver the differences against the local
+cache, then watch from the list's resourceVersion with bookmarks, resuming
+from the last resourceVersion seen. A 410 Expired re-lists, and objects that
+vanished while disconnected are delivered as deletions. Errors reconnect with
+capped exponential backoff (honouring Retry-After), so an unreachable API
+server only delays updates: the installed rules stay as they are.
+
+Objects are handed on as raw JSON dicts; `convert` turns them into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+import urllib3
+
+log = logging.getLogger(__name__)
+
+# kube-proxy's selector: skip headless Services and Services owned by another proxy.
+PROXY_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+PAGE_SIZE = 500
+WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, randomised like client-go's reflector
+BACKOFF_INITIAL = 0.8
+BACKOFF_MAX = 30.0
+CONNECT_TIMEOUT = 10.0
+
+Handler = Callable[[str, dict[str, Any] | None], None]
+
+
+class Expired(Exception):
+    """The resourceVersion we hold is too old: re-list."""
+
+
+class RetryableError(Exception):
+    """The server said to try again later (5xx, 429), maybe after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def api_client(kubeconfig: str, master: str) -> Any:
+    """An ApiClient from a kubeconfig, from --master alone, or from the pod's service account."""
+    if kubeconfig:
+        client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig)
+    elif master:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = master
+        client = kubernetes.client.ApiClient(configuration)
+    else:
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+        client = kubernetes.client.ApiClient(configuration)
+    if master:
+        client.configuration.host = master
+    return client
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One watched collection: how to list/watch it and how to name its objects."""
+
+    name: str
+    path: str
+    label_selector: str = ""
+    field_selector: str = ""
+
+
+def services_kind() -> Kind:
+    return Kind("Service", "/api/v1/services", label_selector=PROXY_SELECTOR)
+
+
+def endpoint_slices_kind() -> Kind:
+    return Kind("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices",
+                label_selector=PROXY_SELECTOR)
+
+
+def node_kind(node_name: str) -> Kind:
+    return Kind("Node", "/api/v1/nodes", field_selector=f"metadata.name={node_name}")
+
+
+def object_key(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"
+
+
+class Reflector:
+    """List-then-watch one kind forever, feeding `handler(key, obj or None)`."""
+
+    def __init__(
+        self,
+        client: Any,
+        kind: Kind,
+        handler: Handler,
+        on_synced: Callable[[], None],
+        stop: threading.Event,
+    ) -> None:
+        self.client = client
+        self.kind = kind
+        self.handler = handler
+        self.on_synced = on_synced
+        self.stop = stop
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.resource_version = ""
+        self.synced = False
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name=f"watch-{self.kind.name}", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        backoff = BACKOFF_INITIAL
+        while not self.stop.is_set():
+            try:
+                if not self.resource_version:
+                    self.list()
+                backoff = BACKOFF_INITIAL
+                self.watch()
+            except Expired:
+                log.info("%s watch: resourceVersion %s expired; re-listing",
+                         self.kind.name, self.resource_version)
+                self.resource_version = ""
+            except RetryableError as err:
+                delay = err.delay if err.delay is not None else backoff
+                log.warning("%s: API server unavailable (%s); retrying in %.1fs",
+                            self.kind.name, err, delay)
+                self.stop.wait(delay)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as err:
+                delay = backoff * random.uniform(1.0, 1.5)
+                log.warning("%s: cannot reach the API server (%s); retrying in %.1fs",
+                            self.kind.name, err, delay)
+                self.stop.wait(delay)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _request(self, query: dict[str, Any], read_timeout: float) -> Any:
+        query = {k: v for k, v in query.items() if v not in ("", None)}
+        try:
+            response = self.client.call_api(
+                self.kind.path, "GET", query_params=list(query.items()),
+                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, read_timeout))
+        except kubernetes.client.exceptions.ApiException as err:
+            self._raise_for(err.status, err.reason, err.headers)
+            raise
+        return response[0] if isinstance(response, tuple) else response
+
+    def _raise_for(self, status: int, reason: str, headers: Any) -> None:
+        if status == 410:
+            raise Expired(reason)
+        if status == 429 or status >= 500:
+            retry_after = (headers or {}).get("Retry-After")
+            delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            raise RetryableError(f"HTTP {status} {reason}", delay)
+
+    def list(self) -> None:
+        """Page through the collection, then deliver what changed against the cache."""
+        items: dict[str, dict[str, Any]] = {}
+        token = ""
+        while True:
+            response = self._request(
+                {"labelSelector": self.kind.label_selector,
+                 "fieldSelector": self.kind.field_selector,
+                 "limit": PAGE_SIZE, "continue": token}, read_timeout=60)
+            page = json.loads(response.data)
+            for obj in page.get("items") or []:
+                items[object_key(obj)] = obj
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        for key in set(self.cache) - set(items):
+            del self.cache[key]
+            self.handler(key, None)
+        for key, obj in items.items():
+            if self.cache.get(key) != obj:
+                self.cache[key] = obj
+                self.handler(key, obj)
+        self.resource_version = meta.get("resourceVersion") or ""
+        log.info("%s: listed %d objects at resourceVersion %s",
+                 self.kind.name, len(items), self.resource_version)
+        if not self.synced:
+            self.synced = True
+            self.on_synced()
+
+    def watch(self) -> None:
+        """Stream events from the held resourceVersion until the server ends the watch."""
+        timeout = random.randint(*WATCH_TIMEOUT_RANGE)
+        response = self._request(
+            {"watch": "true", "labelSelector": self.kind.label_selector,
+             "fieldSelector": self.kind.field_selector, "allowWatchBookmarks": "true",
+             "resourceVersion": self.resource_version, "timeoutSeconds": timeout},
+            read_timeout=timeout + 30)
+        try:
+            for line in _lines(response):
+                if self.stop.is_set():
+                    return
+                self._event(json.loads(line))
+        finally:
+            response.release_conn()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            code = obj.get("code", 0)
+            if code == 410:
+                raise Expired(obj.get("message", "expired"))
+            self._raise_for(code or 500, obj.get("message", ""), None)
+            raise RuntimeError(f"watch error: {obj.get('message')}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = version
+        if kind == "BOOKMARK":
+            return
+        key = object_key(obj)
+        if kind == "DELETED":
+            if self.cache.pop(key, None) is not None:
+                self.handler(key, None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.cache[key] = obj
+            self.handler(key, obj)
+
+
+def _lines(response: Any) -> Iterator[bytes]:
+    """Newline-delimited JSON from a chunked watch stream."""
+    buffer = b""
+    try:
+        for chunk in response.stream(amt=None, decode_content=True):
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.strip():
+                    yield line
+    except urllib3.exceptions.ProtocolError as err:
+        raise ConnectionError(f"watch stream broken: {err}") from None
+    if buffer.strip():
+        yield buffer

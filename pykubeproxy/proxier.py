@@ -1,0 +1,178 @@
+"""The iptables proxier: change trackers in, one sync per runner call out.
+
+Watch threads call the `on_*` handlers, which only record changes and poke the
+runner. The runner thread calls `sync()`, which applies the trackers, renders
+the tables (only changed Services' chains on a partial sync) and hands them to
+the applier. A full sync happens at start, every sync period, after a failure,
+and whenever a chain a partial sync relies on turns out to be gone (someone
+flushed or deleted our chains): that is how external damage is repaired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
+from pykubeproxy.convert import node_is_deleting, slice_service
+from pykubeproxy.health import ProxyHealth
+from pykubeproxy.iptables.render import Renderer
+from pykubeproxy.iptables.ruleset import CANARY, KeptChainMissing, TableState
+from pykubeproxy.metrics import Metrics
+from pykubeproxy.model import NamespacedName
+
+log = logging.getLogger(__name__)
+
+
+class Applier(Protocol):
+    def apply(self, tables: list[TableState]) -> None: ...
+
+
+class Runner(Protocol):
+    def run(self) -> None: ...
+    def retry_after(self, delay: float) -> None: ...
+
+
+class Proxier:
+    """Turns Service/EndpointSlice/Node events into iptables syncs."""
+
+    def __init__(
+        self,
+        renderer: Renderer,
+        applier: Applier,
+        metrics: Metrics,
+        health: ProxyHealth,
+        sync_period: float,
+        min_sync_period: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.renderer = renderer
+        self.applier = applier
+        self.metrics = metrics
+        self.health = health
+        self.sync_period = sync_period
+        self.min_sync_period = min_sync_period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.services = ServiceChangeTracker()
+        self.endpoints = EndpointsChangeTracker()
+        self.runner: Runner | None = None
+        self._synced_kinds: set[str] = set()
+        self._needs_full = True
+        self._last_full: float | None = None
+        self._failures = 0
+        self._slice_owner: dict[str, NamespacedName] = {}
+
+    # --- event handlers (watch threads) -------------------------------------------------
+
+    def _queue(self) -> None:
+        self.metrics.last_queued.set(time.time())
+        self.health.queued_update()
+        if self.runner is not None:
+            self.runner.run()
+
+    def on_service(self, key: str, obj: dict[str, Any] | None) -> None:
+        namespace, _, name = key.partition("/")
+        self.metrics.service_changes.inc()
+        with self._lock:
+            pending = self.services.update(NamespacedName(namespace, name), obj)
+            self.metrics.service_changes_pending.set(self.services.pending())
+        if pending:
+            self._queue()
+
+    def on_endpoint_slice(self, key: str, obj: dict[str, Any] | None) -> None:
+        self.metrics.endpoint_changes.inc()
+        with self._lock:
+            if obj is not None:
+                service = slice_service(obj)
+                if service is None:
+                    log.warning("EndpointSlice %s: no kubernetes.io/service-name label; ignored",
+                                key)
+                    return
+                self._slice_owner[key] = service
+            else:
+                service = self._slice_owner.pop(key, None)
+                if service is None:
+                    return
+            pending = self.endpoints.update(service, key, obj)
+            self.metrics.endpoint_changes_pending.set(self.endpoints.pending())
+        if pending:
+            self._queue()
+
+    def on_node(self, key: str, obj: dict[str, Any] | None) -> None:
+        eligible = obj is not None and not node_is_deleting(obj)
+        if eligible != self.health.node_eligible:
+            log.info("node %s: eligible=%s", key.lstrip("/"), eligible)
+        self.health.node_eligible = eligible
+
+    def on_synced(self, kind: str) -> None:
+        with self._lock:
+            self._synced_kinds.add(kind)
+        self._queue()
+
+    # --- sync (runner thread) ------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return {"Service", "EndpointSlice"} <= self._synced_kinds
+
+    def sync(self) -> None:
+        """One sync; failures are counted, logged and retried with backoff."""
+        if not self.ready():
+            log.debug("not syncing until Services and EndpointSlices are listed")
+            return
+        now = self._clock()
+        full = self._needs_full or self._last_full is None or (
+            now - self._last_full >= self.sync_period)
+        started = time.monotonic()
+        with self._lock:
+            changed_services = self.services.apply()
+            changed_endpoints, trigger_times = self.endpoints.apply()
+            self.metrics.service_changes_pending.set(0)
+            self.metrics.endpoint_changes_pending.set(0)
+        changed = changed_services | changed_endpoints
+        try:
+            try:
+                self._apply(full, changed)
+            except KeptChainMissing as err:
+                log.warning("partial sync not possible (%s); doing a full sync", err)
+                full = True
+                self._apply(full, changed)
+        except Exception as err:
+            self._failures += 1
+            self._needs_full = True
+            self.metrics.restore_failures.inc()
+            delay = min(self.min_sync_period * 2 ** self._failures, self.sync_period) or 1.0
+            log.error("sync failed (%s); retrying in %.1fs with a full sync", err, delay)
+            if self.runner is not None:
+                self.runner.retry_after(delay)
+            return
+        elapsed = time.monotonic() - started
+        self._failures = 0
+        self._needs_full = False
+        if full:
+            self._last_full = now
+        self.metrics.sync_duration.observe(elapsed)
+        (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(
+            elapsed)
+        self.metrics.last_sync.set(time.time())
+        wall = datetime.now(UTC)
+        for trigger in trigger_times:
+            self.metrics.network_programming.observe(max(0.0, (wall - trigger).total_seconds()))
+        self.health.updated()
+        log.log(logging.INFO if full else logging.DEBUG,
+                "%s sync: %d services, %d changed, %.3fs", "full" if full else "partial",
+                len(self.services.service_map), len(changed), elapsed)
+
+    def _apply(self, full: bool, changed: set[Any]) -> None:
+        rewrite = None if full else {
+            name for name in self.services.service_map if name.service in changed}
+        nat, filt = self.renderer.render(
+            self.services.service_map, self.endpoints.endpoints_map, rewrite)
+        mangle = TableState("mangle", chains={CANARY: []})
+        self.applier.apply([nat, filt, mangle])
+        for table in (nat, filt):
+            self.metrics.rules_total.labels(table.name).set(table.rule_count())
