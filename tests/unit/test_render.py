@@ -11,6 +11,7 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_network
 
 import objects as o
+
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.iptables.render import (
     RenderConfig,
@@ -198,7 +199,7 @@ def test_nodeport_addresses_and_mark_bit() -> None:
     nat, filt = render_overall(nodeport_ips=(ip_address("198.18.0.2"),), masquerade_bit=5)
     assert nat.chains["KUBE-SERVICES"][-1][-4:] == ("-d", "198.18.0.2", "-j", "KUBE-NODEPORTS")
     assert nat.chains["KUBE-MARK-MASQ"] == [("-j", "MARK", "--or-mark", "0x20")]
-    assert ("-m", "mark", "--mark", "0x20/0x20") == filt.chains["KUBE-FORWARD"][1][4:8]
+    assert filt.chains["KUBE-FORWARD"][1][4:8] == ("-m", "mark", "--mark", "0x20/0x20")
 
 
 def test_partial_render_keeps_other_services_chains() -> None:
