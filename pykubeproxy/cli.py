@@ -39,8 +39,10 @@ class KlogFormatter(logging.Formatter):
         stamp = time.strftime("%m%d %H:%M:%S", time.localtime(record.created))
         micros = int(record.msecs * 1000)
         location = f"{Path(record.pathname).name}:{record.lineno}"
-        line = (f"{record.levelname[0]}{stamp}.{micros:06d} {record.process:>7} {location}] "
-                f"{record.getMessage()}")
+        line = (
+            f"{record.levelname[0]}{stamp}.{micros:06d} {record.process:>7} {location}] "
+            f"{record.getMessage()}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -74,16 +76,20 @@ def prepare_node(cfg: ProxyConfig) -> None:
     if cfg.localhost_nodeports:
         sysctl_write("net/ipv4/conf/all/route_localnet", "1")
     if sysctl_read("net/bridge/bridge-nf-call-iptables") == "0":
-        log.warning("net.bridge.bridge-nf-call-iptables is 0: Service traffic between pods on "
-                    "one bridge will not be un-NATed; set it to 1")
+        log.warning(
+            "net.bridge.bridge-nf-call-iptables is 0: Service traffic between pods on "
+            "one bridge will not be un-NATed; set it to 1"
+        )
 
 
 def run(cfg: ProxyConfig) -> int:
     from pykubeproxy.iptables import applier as iptables_applier
 
     if cfg.mode == "ipvs":
-        log.error("--proxy-mode ipvs is not implemented yet (it is planned, see the README); "
-                  "use --proxy-mode iptables")
+        log.error(
+            "--proxy-mode ipvs is not implemented yet (it is planned, see the README); "
+            "use --proxy-mode iptables"
+        )
         return 1
     applier = iptables_applier.IptcApplier()
     if cfg.cleanup:
@@ -96,17 +102,22 @@ def run(cfg: ProxyConfig) -> int:
     name = node_name(cfg)
     metrics = Metrics()
     health = ProxyHealth(timeout=2 * cfg.sync_period, metrics=metrics)
-    renderer = Renderer(RenderConfig(
-        cluster_cidr=tuple(c for c in cfg.cluster_cidrs() if isinstance(c.network_address,
-                                                                         IPv4Address)),
-        masquerade_all=cfg.masquerade_all,
-        masquerade_bit=cfg.masquerade_bit,
-        nodeport_ips=nodeport_ips(cfg),
-        localhost_nodeports=cfg.localhost_nodeports,
-    ))
+    renderer = Renderer(
+        RenderConfig(
+            cluster_cidr=tuple(
+                c for c in cfg.cluster_cidrs() if isinstance(c.network_address, IPv4Address)
+            ),
+            masquerade_all=cfg.masquerade_all,
+            masquerade_bit=cfg.masquerade_bit,
+            nodeport_ips=nodeport_ips(cfg),
+            localhost_nodeports=cfg.localhost_nodeports,
+        )
+    )
     if not cfg.cluster_cidr and not cfg.masquerade_all:
-        log.warning("neither --cluster-cidr nor --masquerade-all is set: off-cluster traffic to "
-                    "Service IPs is not masqueraded")
+        log.warning(
+            "neither --cluster-cidr nor --masquerade-all is set: off-cluster traffic to "
+            "Service IPs is not masqueraded"
+        )
     prepare_node(cfg)
     proxier = Proxier(renderer, applier, metrics, health, cfg.sync_period, cfg.min_sync_period)
     runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period)
@@ -118,8 +129,7 @@ def run(cfg: ProxyConfig) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s; leaving the rules in place and exiting",
-                 signal.Signals(signum).name)
+        log.info("received %s; leaving the rules in place and exiting", signal.Signals(signum).name)
         stop.set()
         runner.stop()
 
@@ -127,15 +137,15 @@ def run(cfg: ProxyConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     client = kube.api_client(cfg.kubeconfig, cfg.master)
-    log.info("pykubeproxy starting: mode=iptables node=%s api=%s", name,
-             client.configuration.host)
+    log.info("pykubeproxy starting: mode=iptables node=%s api=%s", name, client.configuration.host)
     for kind, handler in (
         (kube.services_kind(), proxier.on_service),
         (kube.endpoint_slices_kind(), proxier.on_endpoint_slice),
         (kube.node_kind(name), proxier.on_node),
     ):
-        kube.Reflector(client, kind, handler, functools.partial(proxier.on_synced, kind.name),
-                       stop).start()
+        kube.Reflector(
+            client, kind, handler, functools.partial(proxier.on_synced, kind.name), stop
+        ).start()
     runner.loop()
     return 0
 

@@ -126,12 +126,28 @@ _FILE_FIELDS: dict[tuple[str, ...], tuple[str, Any]] = {
 }
 # Fields kube-proxy accepts that this agent reads but does not act on (yet).
 _ACCEPTED_FIELDS = {
-    ("apiVersion",), ("kind",), ("bindAddress",), ("bindAddressHardFail",), ("enableProfiling",),
-    ("showHiddenMetricsForVersion",), ("oomScoreAdj",), ("configSyncPeriod",), ("portRange",),
-    ("featureGates",), ("conntrack",), ("logging",), ("detectLocalMode",), ("detectLocal",),
-    ("clientConnection", "acceptContentTypes"), ("clientConnection", "contentType"),
-    ("clientConnection", "qps"), ("clientConnection", "burst"), ("ipvs",), ("nftables",),
-    ("winkernel",), ("iptables", "masqueradeBit"),
+    ("apiVersion",),
+    ("kind",),
+    ("bindAddress",),
+    ("bindAddressHardFail",),
+    ("enableProfiling",),
+    ("showHiddenMetricsForVersion",),
+    ("oomScoreAdj",),
+    ("configSyncPeriod",),
+    ("portRange",),
+    ("featureGates",),
+    ("conntrack",),
+    ("logging",),
+    ("detectLocalMode",),
+    ("detectLocal",),
+    ("clientConnection", "acceptContentTypes"),
+    ("clientConnection", "contentType"),
+    ("clientConnection", "qps"),
+    ("clientConnection", "burst"),
+    ("ipvs",),
+    ("nftables",),
+    ("winkernel",),
+    ("iptables", "masqueradeBit"),
 }
 
 
@@ -157,8 +173,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: not a KubeProxyConfiguration object")
     if doc.get("apiVersion") != CONFIG_API_VERSION or doc.get("kind") != CONFIG_KIND:
-        raise ConfigError(f"--config {path}: expected apiVersion {CONFIG_API_VERSION} "
-                          f"kind {CONFIG_KIND}")
+        raise ConfigError(
+            f"--config {path}: expected apiVersion {CONFIG_API_VERSION} kind {CONFIG_KIND}"
+        )
     values: dict[str, Any] = {}
     for path_, value in _walk(doc):
         dotted = ".".join(path_)
@@ -168,7 +185,8 @@ def load_config_file(path: str) -> dict[str, Any]:
                 continue
             if convert in (bool, int, list) and not isinstance(value, convert):
                 raise ConfigError(
-                    f"--config {path}: {dotted}: {value!r} is not a {convert.__name__}")
+                    f"--config {path}: {dotted}: {value!r} is not a {convert.__name__}"
+                )
             try:
                 values[attr] = convert(value)
             except ConfigError as err:
@@ -199,8 +217,11 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pykubeproxy", description="kube-proxy's job, in Python.",
-                argument_default=argparse.SUPPRESS)
+    p = _Parser(
+        prog="pykubeproxy",
+        description="kube-proxy's job, in Python.",
+        argument_default=argparse.SUPPRESS,
+    )
     add = p.add_argument
     add("--config", dest="config_file", help="KubeProxyConfiguration file; flags override it")
     add("--proxy-mode", dest="mode", choices=MODES, help="iptables (default) or ipvs")
@@ -209,16 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hostname-override", help="this node's name, if not the hostname")
     add("--cluster-cidr", help="pod CIDR(s); traffic from outside it is masqueraded")
     add("--masquerade-all", type=_bool, nargs="?", const=True, help="SNAT all Service traffic")
-    add("--iptables-masquerade-bit", dest="masquerade_bit", type=int,
-        help="fwmark bit for packets to SNAT (0-31, default 14)")
-    add("--iptables-localhost-nodeports", dest="localhost_nodeports", type=_bool,
-        help="accept NodePort connections on 127.0.0.1 (default true)")
-    add("--iptables-sync-period", dest="sync_period", type=_duration,
-        help="full resync interval (default 30s)")
-    add("--iptables-min-sync-period", dest="min_sync_period", type=_duration,
-        help="minimum interval between syncs (default 1s)")
-    add("--nodeport-addresses", action="append",
-        help="CIDRs of node addresses that accept NodePorts (default all)")
+    add(
+        "--iptables-masquerade-bit",
+        dest="masquerade_bit",
+        type=int,
+        help="fwmark bit for packets to SNAT (0-31, default 14)",
+    )
+    add(
+        "--iptables-localhost-nodeports",
+        dest="localhost_nodeports",
+        type=_bool,
+        help="accept NodePort connections on 127.0.0.1 (default true)",
+    )
+    add(
+        "--iptables-sync-period",
+        dest="sync_period",
+        type=_duration,
+        help="full resync interval (default 30s)",
+    )
+    add(
+        "--iptables-min-sync-period",
+        dest="min_sync_period",
+        type=_duration,
+        help="minimum interval between syncs (default 1s)",
+    )
+    add(
+        "--nodeport-addresses",
+        action="append",
+        help="CIDRs of node addresses that accept NodePorts (default all)",
+    )
     add("--metrics-bind-address", help="metrics server address (default 127.0.0.1:10249)")
     add("--healthz-bind-address", help="health server address (default 0.0.0.0:10256)")
     add("--cleanup", type=_bool, nargs="?", const=True, help="remove the agent's rules and exit")

@@ -113,9 +113,7 @@ def describe(kind: str, obj: Any) -> str:
         return f"{kind} <unnamed>"
 
 
-def _each_valid(
-    items: list[Any], parse: Callable[[Any], Any], what: str, owner: str
-) -> list[Any]:
+def _each_valid(items: list[Any], parse: Callable[[Any], Any], what: str, owner: str) -> list[Any]:
     """Parse every item, dropping (and logging) the ones that are invalid."""
     parsed = []
     for index, item in enumerate(items):
@@ -168,16 +166,22 @@ def _service_ports(obj: Any, family: Family, owner: str) -> ServicePortMap:
         )
     )
     is_load_balancer = spec.get("type") == "LoadBalancer"
-    lb_ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get(
-        "ingress"), "status.loadBalancer.ingress")
-    lb_ips = same_family(
-        _each_valid(
-            [i for i in lb_ingress if isinstance(i, Mapping) and i.get("ip")],
-            lambda i: _ip(i["ip"], "ingress IP"),
-            "status.loadBalancer.ingress",
-            owner,
+    lb_ingress = _list(
+        _mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
+        "status.loadBalancer.ingress",
+    )
+    lb_ips = (
+        same_family(
+            _each_valid(
+                [i for i in lb_ingress if isinstance(i, Mapping) and i.get("ip")],
+                lambda i: _ip(i["ip"], "ingress IP"),
+                "status.loadBalancer.ingress",
+                owner,
+            )
         )
-    ) if is_load_balancer else ()
+        if is_load_balancer
+        else ()
+    )
     source_ranges = tuple(
         r
         for r in _each_valid(

@@ -53,7 +53,8 @@ def api_client(kubeconfig: str, master: str) -> Any:
     """An ApiClient from a kubeconfig, from --master alone, or from the pod's service account."""
     if kubeconfig:
         client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig)
+            config_file=kubeconfig
+        )
     elif master:
         configuration = kubernetes.client.Configuration()
         configuration.host = master
@@ -61,7 +62,8 @@ def api_client(kubeconfig: str, master: str) -> Any:
     else:
         configuration = kubernetes.client.Configuration()
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
+            client_configuration=configuration
+        )
         client = kubernetes.client.ApiClient(configuration)
     if master:
         client.configuration.host = master
@@ -83,8 +85,9 @@ def services_kind() -> Kind:
 
 
 def endpoint_slices_kind() -> Kind:
-    return Kind("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices",
-                label_selector=PROXY_SELECTOR)
+    return Kind(
+        "EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", label_selector=PROXY_SELECTOR
+    )
 
 
 def node_kind(node_name: str) -> Kind:
@@ -130,19 +133,27 @@ class Reflector:
                 backoff = BACKOFF_INITIAL
                 self.watch()
             except Expired:
-                log.info("%s watch: resourceVersion %s expired; re-listing",
-                         self.kind.name, self.resource_version)
+                log.info(
+                    "%s watch: resourceVersion %s expired; re-listing",
+                    self.kind.name,
+                    self.resource_version,
+                )
                 self.resource_version = ""
             except RetryableError as err:
                 delay = err.delay if err.delay is not None else backoff
-                log.warning("%s: API server unavailable (%s); retrying in %.1fs",
-                            self.kind.name, err, delay)
+                log.warning(
+                    "%s: API server unavailable (%s); retrying in %.1fs", self.kind.name, err, delay
+                )
                 self.stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except Exception as err:
                 delay = backoff * random.uniform(1.0, 1.5)
-                log.warning("%s: cannot reach the API server (%s); retrying in %.1fs",
-                            self.kind.name, err, delay)
+                log.warning(
+                    "%s: cannot reach the API server (%s); retrying in %.1fs",
+                    self.kind.name,
+                    err,
+                    delay,
+                )
                 self.stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -150,9 +161,14 @@ class Reflector:
         query = {k: v for k, v in query.items() if v not in ("", None)}
         try:
             response = self.client.call_api(
-                self.kind.path, "GET", query_params=list(query.items()),
-                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-                _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, read_timeout))
+                self.kind.path,
+                "GET",
+                query_params=list(query.items()),
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT, read_timeout),
+            )
         except kubernetes.client.exceptions.ApiException as err:
             self._raise_for(err.status, err.reason, err.headers)
             raise
@@ -172,9 +188,14 @@ class Reflector:
         token = ""
         while True:
             response = self._request(
-                {"labelSelector": self.kind.label_selector,
-                 "fieldSelector": self.kind.field_selector,
-                 "limit": PAGE_SIZE, "continue": token}, read_timeout=60)
+                {
+                    "labelSelector": self.kind.label_selector,
+                    "fieldSelector": self.kind.field_selector,
+                    "limit": PAGE_SIZE,
+                    "continue": token,
+                },
+                read_timeout=60,
+            )
             page = json.loads(response.data)
             for obj in page.get("items") or []:
                 items[object_key(obj)] = obj
@@ -190,8 +211,12 @@ class Reflector:
                 self.cache[key] = obj
                 self.handler(key, obj)
         self.resource_version = meta.get("resourceVersion") or ""
-        log.info("%s: listed %d objects at resourceVersion %s",
-                 self.kind.name, len(items), self.resource_version)
+        log.info(
+            "%s: listed %d objects at resourceVersion %s",
+            self.kind.name,
+            len(items),
+            self.resource_version,
+        )
         if not self.synced:
             self.synced = True
             self.on_synced()
@@ -200,10 +225,16 @@ class Reflector:
         """Stream events from the held resourceVersion until the server ends the watch."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
         response = self._request(
-            {"watch": "true", "labelSelector": self.kind.label_selector,
-             "fieldSelector": self.kind.field_selector, "allowWatchBookmarks": "true",
-             "resourceVersion": self.resource_version, "timeoutSeconds": timeout},
-            read_timeout=timeout + 30)
+            {
+                "watch": "true",
+                "labelSelector": self.kind.label_selector,
+                "fieldSelector": self.kind.field_selector,
+                "allowWatchBookmarks": "true",
+                "resourceVersion": self.resource_version,
+                "timeoutSeconds": timeout,
+            },
+            read_timeout=timeout + 30,
+        )
         try:
             for line in _lines(response):
                 if self.stop.is_set():

@@ -48,50 +48,80 @@ class Metrics:
         reg = self.registry
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds", buckets=SYNC_BUCKETS, registry=reg)
+            "SyncProxyRules latency in seconds",
+            buckets=SYNC_BUCKETS,
+            registry=reg,
+        )
         self.full_sync_duration = Histogram(
             "kubeproxy_sync_full_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for full resyncs",
-            buckets=SYNC_BUCKETS, registry=reg)
+            buckets=SYNC_BUCKETS,
+            registry=reg,
+        )
         self.partial_sync_duration = Histogram(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for partial resyncs",
-            buckets=SYNC_BUCKETS, registry=reg)
+            buckets=SYNC_BUCKETS,
+            registry=reg,
+        )
         self.last_sync = Gauge(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "The last time proxy rules were successfully synced", registry=reg)
+            "The last time proxy rules were successfully synced",
+            registry=reg,
+        )
         self.last_queued = Gauge(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued", registry=reg)
+            "The last time a sync of proxy rules was queued",
+            registry=reg,
+        )
         self.network_programming = Histogram(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
-            buckets=NETWORK_PROGRAMMING_BUCKETS, registry=reg)
+            buckets=NETWORK_PROGRAMMING_BUCKETS,
+            registry=reg,
+        )
         self.service_changes = Counter(
             "kubeproxy_sync_proxy_rules_service_changes",
-            "Cumulative proxy rules Service changes", registry=reg)
+            "Cumulative proxy rules Service changes",
+            registry=reg,
+        )
         self.service_changes_pending = Gauge(
             "kubeproxy_sync_proxy_rules_service_changes_pending",
-            "Pending proxy rules Service changes", registry=reg)
+            "Pending proxy rules Service changes",
+            registry=reg,
+        )
         self.endpoint_changes = Counter(
             "kubeproxy_sync_proxy_rules_endpoint_changes",
-            "Cumulative proxy rules Endpoint changes", registry=reg)
+            "Cumulative proxy rules Endpoint changes",
+            registry=reg,
+        )
         self.endpoint_changes_pending = Gauge(
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
-            "Pending proxy rules Endpoint changes", registry=reg)
+            "Pending proxy rules Endpoint changes",
+            registry=reg,
+        )
         self.rules_total = Gauge(
             "kubeproxy_sync_proxy_rules_iptables_total",
-            "Total number of iptables rules owned by kube-proxy", ["table"], registry=reg)
+            "Total number of iptables rules owned by kube-proxy",
+            ["table"],
+            registry=reg,
+        )
         self.restore_failures = Counter(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy iptables restore failures", registry=reg)
+            "Cumulative proxy iptables restore failures",
+            registry=reg,
+        )
         self.partial_restore_failures = Counter(
             "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative proxy iptables partial restore failures", registry=reg)
+            "Cumulative proxy iptables partial restore failures",
+            registry=reg,
+        )
         self.healthz = Counter(
-            "kubeproxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=reg)
+            "kubeproxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=reg
+        )
         self.livez = Counter(
-            "kubeproxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=reg)
+            "kubeproxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=reg
+        )
 
     def exposition(self) -> Response:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)

@@ -20,10 +20,15 @@ SYSCTL_ROOT = Path("/proc/sys")
 
 def local_addresses() -> list[IPAddress]:
     """Every address configured on this network namespace's interfaces."""
-    out = subprocess.run(["ip", "-json", "addr", "show"], check=True, capture_output=True,
-                         text=True, timeout=10).stdout
-    return [ip_address(info["local"]) for link in json.loads(out)
-            for info in link.get("addr_info", []) if "local" in info]
+    out = subprocess.run(
+        ["ip", "-json", "addr", "show"], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+    return [
+        ip_address(info["local"])
+        for link in json.loads(out)
+        for info in link.get("addr_info", [])
+        if "local" in info
+    ]
 
 
 def sysctl_read(key: str) -> str | None:

@@ -90,8 +90,9 @@ class Proxier:
             if obj is not None:
                 service = slice_service(obj)
                 if service is None:
-                    log.warning("EndpointSlice %s: no kubernetes.io/service-name label; ignored",
-                                key)
+                    log.warning(
+                        "EndpointSlice %s: no kubernetes.io/service-name label; ignored", key
+                    )
                     return
                 self._slice_owner[key] = service
             else:
@@ -125,8 +126,11 @@ class Proxier:
             log.debug("not syncing until Services and EndpointSlices are listed")
             return
         now = self._clock()
-        full = self._needs_full or self._last_full is None or (
-            now - self._last_full >= self.sync_period)
+        full = (
+            self._needs_full
+            or self._last_full is None
+            or (now - self._last_full >= self.sync_period)
+        )
         started = time.monotonic()
         with self._lock:
             changed_services = self.services.apply()
@@ -145,7 +149,7 @@ class Proxier:
             self._failures += 1
             self._needs_full = True
             self.metrics.restore_failures.inc()
-            delay = min(self.min_sync_period * 2 ** self._failures, self.sync_period) or 1.0
+            delay = min(self.min_sync_period * 2**self._failures, self.sync_period) or 1.0
             log.error("sync failed (%s); retrying in %.1fs with a full sync", err, delay)
             if self.runner is not None:
                 self.runner.retry_after(delay)
@@ -157,21 +161,31 @@ class Proxier:
             self._last_full = now
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(
-            elapsed)
+            elapsed
+        )
         self.metrics.last_sync.set(time.time())
         wall = datetime.now(UTC)
         for trigger in trigger_times:
             self.metrics.network_programming.observe(max(0.0, (wall - trigger).total_seconds()))
         self.health.updated()
-        log.log(logging.INFO if full else logging.DEBUG,
-                "%s sync: %d services, %d changed, %.3fs", "full" if full else "partial",
-                len(self.services.service_map), len(changed), elapsed)
+        log.log(
+            logging.INFO if full else logging.DEBUG,
+            "%s sync: %d services, %d changed, %.3fs",
+            "full" if full else "partial",
+            len(self.services.service_map),
+            len(changed),
+            elapsed,
+        )
 
     def _apply(self, full: bool, changed: set[Any]) -> None:
-        rewrite = None if full else {
-            name for name in self.services.service_map if name.service in changed}
+        rewrite = (
+            None
+            if full
+            else {name for name in self.services.service_map if name.service in changed}
+        )
         nat, filt = self.renderer.render(
-            self.services.service_map, self.endpoints.endpoints_map, rewrite)
+            self.services.service_map, self.endpoints.endpoints_map, rewrite
+        )
         mangle = TableState("mangle", chains={CANARY: []})
         self.applier.apply([nat, filt, mangle])
         for table in (nat, filt):

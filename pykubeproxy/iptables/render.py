@@ -94,8 +94,22 @@ def render_service(
     ext_chain = service_chain(svc.name, "KUBE-EXT-")
 
     def to_ip(comment: str, ip: IPAddress, target: str, dport: str = port) -> Argv:
-        return ("-m", "comment", "--comment", comment, "-m", proto, "-p", proto,
-                "-d", str(ip), "--dport", dport, "-j", target)
+        return (
+            "-m",
+            "comment",
+            "--comment",
+            comment,
+            "-m",
+            proto,
+            "-p",
+            proto,
+            "-d",
+            str(ip),
+            "--dport",
+            dport,
+            "-j",
+            target,
+        )
 
     if not ready:
         reject = f"{name} has no endpoints"
@@ -104,18 +118,50 @@ def render_service(
             out.filter_external.append(to_ip(reject, ip, "REJECT"))
         if svc.node_port:
             out.filter_external.append(
-                ("-m", "comment", "--comment", reject, "-m", "addrtype", "--dst-type", "LOCAL",
-                 "-m", proto, "-p", proto, "--dport", str(svc.node_port), "-j", "REJECT"))
+                (
+                    "-m",
+                    "comment",
+                    "--comment",
+                    reject,
+                    "-m",
+                    "addrtype",
+                    "--dst-type",
+                    "LOCAL",
+                    "-m",
+                    proto,
+                    "-p",
+                    proto,
+                    "--dport",
+                    str(svc.node_port),
+                    "-j",
+                    "REJECT",
+                )
+            )
         return out
 
     cluster_ip_rule = to_ip(f"{name} cluster IP", svc.cluster_ip, svc_chain)
     out.nat_services.append(cluster_ip_rule)
     out.nat_services.extend(to_ip(f"{name} external IP", ip, ext_chain) for ip in svc.external_ips)
     out.nat_services.extend(
-        to_ip(f"{name} loadbalancer IP", ip, ext_chain) for ip in svc.load_balancer_ips)
+        to_ip(f"{name} loadbalancer IP", ip, ext_chain) for ip in svc.load_balancer_ips
+    )
     if svc.node_port:
-        out.nat_nodeports.append(("-m", "comment", "--comment", name, "-m", proto, "-p", proto,
-                                  "--dport", str(svc.node_port), "-j", ext_chain))
+        out.nat_nodeports.append(
+            (
+                "-m",
+                "comment",
+                "--comment",
+                name,
+                "-m",
+                proto,
+                "-p",
+                proto,
+                "--dport",
+                str(svc.node_port),
+                "-j",
+                ext_chain,
+            )
+        )
 
     svc_rules: list[Argv] = []
     masq_match = cluster_ip_rule[:-2]
@@ -126,24 +172,51 @@ def render_service(
             svc_rules.append((*masq_match, "!", "-s", str(cidr), "-j", MARK_MASQ))
     if svc.externally_accessible:
         out.nat_chains[ext_chain] = [
-            ("-m", "comment", "--comment", f"masquerade traffic for {name} external destinations",
-             "-j", MARK_MASQ),
+            (
+                "-m",
+                "comment",
+                "--comment",
+                f"masquerade traffic for {name} external destinations",
+                "-j",
+                MARK_MASQ,
+            ),
             ("-j", svc_chain),
         ]
     seps = [endpoint_chain(svc.name, ep) for ep in ready]
     if svc.session_affinity_seconds is not None:
         svc_rules.extend(
-            ("-m", "comment", "--comment", f"{name} -> {ep.address}", "-m", "recent",
-             "--name", sep, "--rcheck", "--seconds", str(svc.session_affinity_seconds), "--reap",
-             "-j", sep)
-            for ep, sep in zip(ready, seps, strict=True))
+            (
+                "-m",
+                "comment",
+                "--comment",
+                f"{name} -> {ep.address}",
+                "-m",
+                "recent",
+                "--name",
+                sep,
+                "--rcheck",
+                "--seconds",
+                str(svc.session_affinity_seconds),
+                "--reap",
+                "-j",
+                sep,
+            )
+            for ep, sep in zip(ready, seps, strict=True)
+        )
     for i, (ep, sep) in enumerate(zip(ready, seps, strict=True)):
         pick: Argv = ()
         if i < len(ready) - 1:
-            pick = ("-m", "statistic", "--mode", "random", "--probability",
-                    probability(len(ready) - i))
-        svc_rules.append(("-m", "comment", "--comment", f"{name} -> {ep.address}", *pick,
-                          "-j", sep))
+            pick = (
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                probability(len(ready) - i),
+            )
+        svc_rules.append(
+            ("-m", "comment", "--comment", f"{name} -> {ep.address}", *pick, "-j", sep)
+        )
     out.nat_chains[svc_chain] = svc_rules
     for ep, sep in zip(ready, seps, strict=True):
         affinity: Argv = ()
@@ -151,8 +224,21 @@ def render_service(
             affinity = ("-m", "recent", "--name", sep, "--set")
         out.nat_chains[sep] = [
             ("-m", "comment", "--comment", name, "-s", str(ep.ip), "-j", MARK_MASQ),
-            ("-m", "comment", "--comment", name, *affinity, "-m", proto, "-p", proto,
-             "-j", "DNAT", "--to-destination", ep.address),
+            (
+                "-m",
+                "comment",
+                "--comment",
+                name,
+                *affinity,
+                "-m",
+                proto,
+                "-p",
+                proto,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                ep.address,
+            ),
         ]
     return out
 
@@ -197,7 +283,8 @@ class Renderer:
 
     cfg: RenderConfig
     _cache: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], ServiceRules]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
 
     def _service(self, svc: ServicePort, endpoints: tuple[Endpoint, ...]) -> ServiceRules:
         cached = self._cache.get(svc.name)
@@ -249,7 +336,8 @@ class Renderer:
             if not cfg.localhost_nodeports:
                 local = (*local, "!", "-d", "127.0.0.0/8")
             nat_services.append(
-                ("-m", "comment", "--comment", NODEPORTS_COMMENT, *local, "-j", NODEPORTS))
+                ("-m", "comment", "--comment", NODEPORTS_COMMENT, *local, "-j", NODEPORTS)
+            )
         else:
             nat_services.extend(
                 ("-m", "comment", "--comment", NODEPORTS_COMMENT, "-d", str(ip), "-j", NODEPORTS)
@@ -264,8 +352,15 @@ class Renderer:
             POSTROUTING: [
                 ("-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
                 ("-j", "MARK", "--xor-mark", mark),
-                ("-m", "comment", "--comment", "kubernetes service traffic requiring SNAT",
-                 "-j", "MASQUERADE", *masq_random),
+                (
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "kubernetes service traffic requiring SNAT",
+                    "-j",
+                    "MASQUERADE",
+                    *masq_random,
+                ),
             ],
             MARK_MASQ: [("-j", "MARK", "--or-mark", mark)],
             CANARY: [],
@@ -276,10 +371,30 @@ class Renderer:
             EXTERNAL_SERVICES: filter_external,
             FORWARD: [
                 ("-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"),
-                ("-m", "comment", "--comment", "kubernetes forwarding rules",
-                 "-m", "mark", "--mark", f"{mark}/{mark}", "-j", "ACCEPT"),
-                ("-m", "comment", "--comment", "kubernetes forwarding conntrack rule",
-                 "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
+                (
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "kubernetes forwarding rules",
+                    "-m",
+                    "mark",
+                    "--mark",
+                    f"{mark}/{mark}",
+                    "-j",
+                    "ACCEPT",
+                ),
+                (
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "kubernetes forwarding conntrack rule",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED",
+                    "-j",
+                    "ACCEPT",
+                ),
             ],
             NODEPORTS: filter_nodeports,
             PROXY_FIREWALL: [],
@@ -287,9 +402,24 @@ class Renderer:
         }
         if cfg.localhost_nodeports:
             filt.chains[FIREWALL] = [
-                ("-m", "comment", "--comment", "block incoming localnet connections",
-                 "-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8",
-                 "-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP"),
+                (
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "block incoming localnet connections",
+                    "-d",
+                    "127.0.0.0/8",
+                    "!",
+                    "-s",
+                    "127.0.0.0/8",
+                    "-m",
+                    "conntrack",
+                    "!",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED,DNAT",
+                    "-j",
+                    "DROP",
+                ),
             ]
         return nat, filt
 

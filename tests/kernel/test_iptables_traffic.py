@@ -37,8 +37,20 @@ FOREIGN = [
     ["-t", "filter", "-N", "FOREIGN"],
     ["-t", "filter", "-A", "FOREIGN", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"],
     ["-t", "filter", "-I", "INPUT", "-j", "FOREIGN"],
-    ["-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "4789", "-j", "MARK",
-     "--set-mark", "7"],
+    [
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "udp",
+        "--dport",
+        "4789",
+        "-j",
+        "MARK",
+        "--set-mark",
+        "7",
+    ],
     ["-t", "nat", "-N", "KUBE-KUBELET-CANARY"],
 ]
 
@@ -53,7 +65,9 @@ class Node:
         self.renderer = Renderer(RenderConfig(cluster_cidr=(ip_network(cluster.cluster_cidr),)))
         self.applier = IptcApplier()
 
-    def service(self, obj: dict[str, Any] | None, name: str = "", namespace: str = "default") -> None:
+    def service(
+        self, obj: dict[str, Any] | None, name: str = "", namespace: str = "default"
+    ) -> None:
         meta = obj["metadata"] if obj else {"namespace": namespace, "name": name}
         self.services.update(NamespacedName(meta["namespace"], meta["name"]), obj)
 
@@ -64,9 +78,12 @@ class Node:
 
     def render(self, partial: bool = False) -> list[TableState]:
         changed = self.services.apply() | self.endpoints.apply()[0]
-        rewrite = {n for n in self.services.service_map if n.service in changed} if partial else None
+        rewrite = (
+            {n for n in self.services.service_map if n.service in changed} if partial else None
+        )
         nat, filt = self.renderer.render(
-            self.services.service_map, self.endpoints.endpoints_map, rewrite)
+            self.services.service_map, self.endpoints.endpoints_map, rewrite
+        )
         return [nat, filt]
 
     def sync(self, partial: bool = False) -> None:
@@ -105,14 +122,28 @@ def node(cluster: Cluster) -> Iterator[Node]:
     before = foreign_lines(Node(cluster).save())
     node = Node(cluster)
     pods = [cluster.pods[p].ip for p in ("a", "b", "c")]
-    node.service(o.service("default", "web", WEB_IP,
-                           [o.port("http", 80, targetPort=TCP_PORT, nodePort=WEB_NODEPORT)],
-                           type="NodePort", externalIPs=[EXTERNAL_IP]))
+    node.service(
+        o.service(
+            "default",
+            "web",
+            WEB_IP,
+            [o.port("http", 80, targetPort=TCP_PORT, nodePort=WEB_NODEPORT)],
+            type="NodePort",
+            externalIPs=[EXTERNAL_IP],
+        )
+    )
     node.slice(o.endpoint_slice("default", "web", pods, [o.port("http", TCP_PORT)]))
     node.service(o.service("default", "dns", DNS_IP, [o.port("dns", 53, "UDP")]))
     node.slice(o.endpoint_slice("default", "dns", pods, [o.port("dns", UDP_PORT, "UDP")]))
-    node.service(o.service("default", "empty", EMPTY_IP,
-                           [o.port("http", 80, nodePort=EMPTY_NODEPORT)], type="NodePort"))
+    node.service(
+        o.service(
+            "default",
+            "empty",
+            EMPTY_IP,
+            [o.port("http", 80, nodePort=EMPTY_NODEPORT)],
+            type="NodePort",
+        )
+    )
     node.service(o.service("default", "self", SELF_IP, [o.port("http", 80)]))
     node.slice(o.endpoint_slice("default", "self", [pods[0]], [o.port("http", TCP_PORT)]))
     node.sync()
@@ -141,7 +172,10 @@ def test_udp_cluster_ip(cluster: Cluster, node: Node) -> None:
 def test_nodeport_and_external_ip_from_outside(cluster: Cluster, node: Node) -> None:
     client = cluster.client
     assert set(spread(lambda: client.tcp_request(cluster.node_ip, WEB_NODEPORT), 40)) == {
-        "a", "b", "c"}
+        "a",
+        "b",
+        "c",
+    }
     assert set(spread(lambda: client.tcp_request(EXTERNAL_IP, 80), 40)) == {"a", "b", "c"}
     # External traffic is masqueraded (cluster traffic policy): pods never see the client.
     assert all(client.ip not in cluster.pods[p].seen_ips() for p in ("a", "b", "c"))
@@ -180,8 +214,9 @@ def test_partial_sync_refuses_when_our_chains_were_flushed(cluster: Cluster, nod
     for line in nat.splitlines():  # someone flushes every chain of ours
         if line.startswith(":KUBE-") and "KUBELET" not in line:
             cluster.node.exec(["iptables-legacy", "-t", "nat", "-F", line[1:].split()[0]])
-    node.slice(o.endpoint_slice("default", "web", [cluster.pods["b"].ip],
-                                [o.port("http", TCP_PORT)]))
+    node.slice(
+        o.endpoint_slice("default", "web", [cluster.pods["b"].ip], [o.port("http", TCP_PORT)])
+    )
     tables = node.render(partial=True)
     with pytest.raises(KeptChainMissing):
         cluster.node.run_inside(lambda: node.applier.apply(tables))

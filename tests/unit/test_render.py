@@ -120,14 +120,23 @@ def overall_cluster() -> tuple[ServiceChangeTracker, EndpointsChangeTracker]:
     p80 = [o.port("p80", 80)]
     services = [
         o.service("ns1", "svc1", "172.30.0.41", p80),
-        o.service("ns3", "svc3", "172.30.0.43", [o.port("p80", 80, nodePort=3003)], type="NodePort"),
-        o.service("ns4", "svc4", "172.30.0.44", p80, type="NodePort",
-                  externalIPs=["192.168.99.33"]),
-        o.service("ns5", "svc5", "172.30.0.45", [o.port("p80", 80, nodePort=3002)],
-                  type="LoadBalancer", externalTrafficPolicy="Cluster",
-                  sessionAffinity="ClientIP",
-                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 10800}},
-                  status={"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}]}}),
+        o.service(
+            "ns3", "svc3", "172.30.0.43", [o.port("p80", 80, nodePort=3003)], type="NodePort"
+        ),
+        o.service(
+            "ns4", "svc4", "172.30.0.44", p80, type="NodePort", externalIPs=["192.168.99.33"]
+        ),
+        o.service(
+            "ns5",
+            "svc5",
+            "172.30.0.45",
+            [o.port("p80", 80, nodePort=3002)],
+            type="LoadBalancer",
+            externalTrafficPolicy="Cluster",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 10800}},
+            status={"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}]}},
+        ),
         o.service("ns6", "svc6", "172.30.0.46", p80),
     ]
     slices = [
@@ -175,7 +184,11 @@ def test_known_hashes() -> None:
 
 def test_probabilities_have_ten_decimals() -> None:
     assert [probability(n) for n in (5, 4, 3, 2)] == [
-        "0.2000000000", "0.2500000000", "0.3333333333", "0.5000000000"]
+        "0.2000000000",
+        "0.2500000000",
+        "0.3333333333",
+        "0.5000000000",
+    ]
 
 
 def test_every_jump_target_exists() -> None:
