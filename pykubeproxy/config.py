@@ -30,8 +30,10 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names it."""
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: object) -> float:
     """A Go duration (``500ms``, ``1m30s``) in seconds."""
+    if not isinstance(text, str):
+        raise ConfigError(f"invalid duration {text!r} (use Go form, e.g. 500ms, 30s, 1m)")
     text = text.strip()
     if text == "0":
         return 0.0

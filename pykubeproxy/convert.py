@@ -110,7 +110,9 @@ def describe(kind: str, obj: Any) -> str:
     try:
         return f"{kind} {object_name(obj)}"
     except Invalid:
-        return f"{kind} <unnamed>"
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        namespace = meta.get("namespace") if isinstance(meta, Mapping) else None
+        return f"{kind} {namespace if isinstance(namespace, str) else ''}/<unnamed>"
 
 
 def _each_valid(items: list[Any], parse: Callable[[Any], Any], what: str, owner: str) -> list[Any]:
