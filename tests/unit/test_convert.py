@@ -6,9 +6,9 @@ import logging
 from ipaddress import ip_address
 from typing import Any
 
+import objects as o
 import pytest
 
-import objects as o
 from pykubeproxy.convert import endpoint_slice, service_ports
 from pykubeproxy.model import Protocol
 

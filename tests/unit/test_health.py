@@ -31,7 +31,7 @@ def test_healthy_until_a_queued_update_is_older_than_the_timeout() -> None:
     clock.now += 59
     assert health.healthz()[0] == 200
     clock.now += 1
-    status, content_type, body = health.healthz()
+    status, content_type, _ = health.healthz()
     assert (status, content_type) == (503, "application/json")
     assert health.livez()[0] == 503
     health.updated()
@@ -40,7 +40,7 @@ def test_healthy_until_a_queued_update_is_older_than_the_timeout() -> None:
 
 
 def test_json_matches_kube_proxy() -> None:
-    health, clock, _ = make()
+    health, _, _ = make()
     doc = json.loads(health.healthz()[2])
     assert list(doc) == ["lastUpdated", "currentTime", "nodeEligible"]
     assert GO_TIME.match(doc["lastUpdated"]) and GO_TIME.match(doc["currentTime"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import objects as o
 import pytest
 
-import objects as o
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.iptables.render import RenderConfig, Renderer, service_chain
 from pykubeproxy.iptables.ruleset import KeptChainMissing, TableState
