@@ -37,7 +37,7 @@ class KlogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%m%d %H:%M:%S", time.localtime(record.created))
-        micros = int(record.msecs * 1000)
+        micros = int(record.created % 1 * 1_000_000)
         location = f"{Path(record.pathname).name}:{record.lineno}"
         line = (
             f"{record.levelname[0]}{stamp}.{micros:06d} {record.process:>7} {location}] "

@@ -72,26 +72,32 @@ def api_client(kubeconfig: str, master: str) -> Any:
 
 @dataclass(frozen=True)
 class Kind:
-    """One watched collection: how to list/watch it and how to name its objects."""
+    """One watched collection: the generated client method that lists/watches it."""
 
     name: str
-    path: str
-    label_selector: str = ""
-    field_selector: str = ""
+    api: str
+    method: str
+    label_selector: str | None = None
+    field_selector: str | None = None
 
 
 def services_kind() -> Kind:
-    return Kind("Service", "/api/v1/services", label_selector=PROXY_SELECTOR)
+    return Kind(
+        "Service", "CoreV1Api", "list_service_for_all_namespaces", label_selector=PROXY_SELECTOR
+    )
 
 
 def endpoint_slices_kind() -> Kind:
     return Kind(
-        "EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", label_selector=PROXY_SELECTOR
+        "EndpointSlice",
+        "DiscoveryV1Api",
+        "list_endpoint_slice_for_all_namespaces",
+        label_selector=PROXY_SELECTOR,
     )
 
 
 def node_kind(node_name: str) -> Kind:
-    return Kind("Node", "/api/v1/nodes", field_selector=f"metadata.name={node_name}")
+    return Kind("Node", "CoreV1Api", "list_node", field_selector=f"metadata.name={node_name}")
 
 
 def object_key(obj: dict[str, Any]) -> str:
@@ -157,22 +163,21 @@ class Reflector:
                 self.stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _request(self, query: dict[str, Any], read_timeout: float) -> Any:
+    def _request(self, read_timeout: float, **query: Any) -> Any:
+        """The raw HTTP response of a list or watch call (JSON is parsed by the caller)."""
+        method = getattr(getattr(kubernetes.client, self.kind.api)(self.client), self.kind.method)
         query = {k: v for k, v in query.items() if v not in ("", None)}
         try:
-            response = self.client.call_api(
-                self.kind.path,
-                "GET",
-                query_params=list(query.items()),
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
+            return method(
+                label_selector=self.kind.label_selector,
+                field_selector=self.kind.field_selector,
                 _preload_content=False,
                 _request_timeout=(CONNECT_TIMEOUT, read_timeout),
+                **query,
             )
         except kubernetes.client.exceptions.ApiException as err:
             self._raise_for(err.status, err.reason, err.headers)
             raise
-        return response[0] if isinstance(response, tuple) else response
 
     def _raise_for(self, status: int, reason: str, headers: Any) -> None:
         if status == 410:
@@ -187,15 +192,7 @@ class Reflector:
         items: dict[str, dict[str, Any]] = {}
         token = ""
         while True:
-            response = self._request(
-                {
-                    "labelSelector": self.kind.label_selector,
-                    "fieldSelector": self.kind.field_selector,
-                    "limit": PAGE_SIZE,
-                    "continue": token,
-                },
-                read_timeout=60,
-            )
+            response = self._request(60, limit=PAGE_SIZE, _continue=token)
             page = json.loads(response.data)
             for obj in page.get("items") or []:
                 items[object_key(obj)] = obj
@@ -225,15 +222,11 @@ class Reflector:
         """Stream events from the held resourceVersion until the server ends the watch."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
         response = self._request(
-            {
-                "watch": "true",
-                "labelSelector": self.kind.label_selector,
-                "fieldSelector": self.kind.field_selector,
-                "allowWatchBookmarks": "true",
-                "resourceVersion": self.resource_version,
-                "timeoutSeconds": timeout,
-            },
-            read_timeout=timeout + 30,
+            timeout + 30,
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=self.resource_version,
+            timeout_seconds=timeout,
         )
         try:
             for line in _lines(response):

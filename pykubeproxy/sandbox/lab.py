@@ -1,0 +1,203 @@
+"""A whole sandbox node: netns cluster, API server double, and the real agent process.
+
+The end-to-end tests and `make demo` both use this: the API double listens on
+127.0.0.1:6443 *inside* the node namespace (its socket is created there), the
+`pykubeproxy` process runs inside the node namespace against it, and pods and
+clients are namespaces that answer with their names. Nothing touches the root
+namespace, and `close()` removes everything, rules included.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from pykubeproxy.sandbox.apiserver import ApiServerDouble
+from pykubeproxy.sandbox.netns import Cluster
+
+NODE_NAME = "node-1"
+API_PORT = 6443
+METRICS_URL = "http://127.0.0.1:10249/metrics"
+HEALTHZ_URL = "http://127.0.0.1:10256/healthz"
+
+
+def service(
+    name: str,
+    cluster_ip: str,
+    port: int,
+    target_port: int,
+    *,
+    namespace: str = "default",
+    protocol: str = "TCP",
+    node_port: int = 0,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A Service object as a user would create it."""
+    ports: dict[str, Any] = {
+        "name": "p",
+        "port": port,
+        "targetPort": target_port,
+        "protocol": protocol,
+    }
+    if node_port:
+        ports["nodePort"] = node_port
+        spec.setdefault("type", "NodePort")
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "ports": [ports], **spec},
+    }
+
+
+def endpoint_slice(
+    service_name: str,
+    ips: list[str],
+    port: int,
+    *,
+    namespace: str = "default",
+    protocol: str = "TCP",
+    name: str | None = None,
+) -> dict[str, Any]:
+    """An EndpointSlice as the EndpointSlice controller would write it."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": namespace,
+            "name": name or f"{service_name}-x1",
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": True}, "nodeName": NODE_NAME} for ip in ips
+        ],
+        "ports": [{"name": "p", "port": port, "protocol": protocol}],
+    }
+
+
+class Lab:
+    """Cluster + API double + agent; use as a context manager."""
+
+    def __init__(self, agent_args: tuple[str, ...] = ()) -> None:
+        self.cluster = Cluster()
+        self.agent_args = agent_args
+        self.api: ApiServerDouble | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="pkp-lab-")
+        self.kubeconfig = Path(self._tmp.name) / "kubeconfig"
+        self.log_path = Path(self._tmp.name) / "agent.log"
+
+    def __enter__(self) -> Self:
+        try:
+            self.cluster.start()
+            sock = self.cluster.node.socket()
+            sock.bind(("127.0.0.1", API_PORT))
+            self.api = ApiServerDouble(sock=sock).start()
+            self.api.write_kubeconfig(self.kubeconfig)
+            self.api.create("nodes", {"metadata": {"name": NODE_NAME}})
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def server(self) -> ApiServerDouble:
+        assert self.api is not None
+        return self.api
+
+    def start_agent(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start `python -m pykubeproxy` inside the node namespace (log in self.log_path)."""
+        argv = [
+            sys.executable,
+            "-m",
+            "pykubeproxy",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--hostname-override",
+            NODE_NAME,
+            "--cluster-cidr",
+            self.cluster.cluster_cidr,
+            "--iptables-min-sync-period",
+            "100ms",
+            *self.agent_args,
+            *extra,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.agent = self.cluster.node.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self.agent
+
+    def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the agent and wait for it; returns its exit code."""
+        assert self.agent is not None
+        self.agent.send_signal(sig)
+        code = self.agent.wait(timeout)
+        self.agent = None
+        return code
+
+    def agent_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def nat_rules(self) -> str:
+        return str(self.cluster.node.exec(["iptables-legacy-save", "-t", "nat"]).stdout)
+
+    def fetch(self, url: str) -> tuple[int, str]:
+        """GET a URL from inside the node namespace."""
+
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+
+        return self.cluster.node.run_inside(get)
+
+    def metrics(self) -> dict[str, float]:
+        """The agent's Prometheus samples, keyed by their exposition line name."""
+        _, text = self.fetch(METRICS_URL)
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        status, body = self.fetch(HEALTHZ_URL)
+        return status, json.loads(body)
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        """Poll `predicate` until true; fail with the agent's log tail if it never is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.agent is not None and self.agent.poll() is not None:
+                break
+            time.sleep(0.1)
+        tail = "\n".join(self.agent_log().splitlines()[-30:])
+        raise AssertionError(f"timed out waiting for {what}; agent log:\n{tail}")
+
+    def close(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.stop_agent(signal.SIGKILL)
+        if self.api is not None:
+            self.api.stop()
+        self.cluster.close()
+        self._tmp.cleanup()
