@@ -51,23 +51,19 @@ class RetryableError(Exception):
 
 def api_client(kubeconfig: str, master: str) -> Any:
     """An ApiClient from a kubeconfig, from --master alone, or from the pod's service account."""
+    configuration = kubernetes.client.Configuration()
     if kubeconfig:
-        client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=configuration
         )
-    elif master:
-        configuration = kubernetes.client.Configuration()
-        configuration.host = master
-        client = kubernetes.client.ApiClient(configuration)
-    else:
-        configuration = kubernetes.client.Configuration()
+    elif not master:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration
         )
-        client = kubernetes.client.ApiClient(configuration)
     if master:
-        client.configuration.host = master
-    return client
+        configuration.host = master
+    configuration.retries = False  # the reflector backs off itself, and logs why
+    return kubernetes.client.ApiClient(configuration)
 
 
 @dataclass(frozen=True)

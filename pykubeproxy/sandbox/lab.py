@@ -157,7 +157,7 @@ class Lab:
         return str(self.cluster.node.exec(["iptables-legacy-save", "-t", "nat"]).stdout)
 
     def fetch(self, url: str) -> tuple[int, str]:
-        """GET a URL from inside the node namespace."""
+        """GET a URL from inside the node namespace; status 0 when nothing listens."""
 
         def get() -> tuple[int, str]:
             try:
@@ -165,6 +165,8 @@ class Lab:
                     return response.status, response.read().decode()
             except urllib.error.HTTPError as err:
                 return err.code, err.read().decode()
+            except OSError as err:  # not listening (yet): status 0
+                return 0, str(err)
 
         return self.cluster.node.run_inside(get)
 
@@ -180,7 +182,7 @@ class Lab:
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
         status, body = self.fetch(HEALTHZ_URL)
-        return status, json.loads(body)
+        return status, json.loads(body) if status else {}
 
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
         """Poll `predicate` until true; fail with the agent's log tail if it never is."""
