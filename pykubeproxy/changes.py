@@ -20,9 +20,11 @@ from pykubeproxy.convert import EndpointSliceInfo, Family, endpoint_slice, servi
 from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
+    IPAddress,
     NamespacedName,
     ServicePortMap,
     ServicePortName,
+    usable_endpoints,
 )
 
 
@@ -56,6 +58,18 @@ class ServiceChangeTracker:
                 self.service_map.update(ports)
         self._latest.clear()
         return changed
+
+
+@dataclass
+class EndpointsUpdate:
+    """What one `EndpointsChangeTracker.apply()` changed."""
+
+    changed: set[NamespacedName]
+    trigger_times: list[datetime] = field(default_factory=list)
+    # Endpoint IPs no longer used by a port: their conntrack entries are stale.
+    stale_endpoints: dict[ServicePortName, set[IPAddress]] = field(default_factory=dict)
+    # Ports that had no usable endpoint before: flows cached while they had none are stale.
+    newly_served: set[ServicePortName] = field(default_factory=set)
 
 
 @dataclass
@@ -106,16 +120,24 @@ class EndpointsChangeTracker:
             for name, endpoints in by_port.items()
         }
 
-    def apply(self) -> tuple[set[NamespacedName], list[datetime]]:
-        """Make pending changes current; return changed Services and trigger times."""
-        changed = set(self._dirty)
-        for service in changed:
-            for port_name in self._applied.pop(service, {}):
+    def apply(self) -> EndpointsUpdate:
+        """Make pending changes current; say what changed, for syncs and conntrack cleanup."""
+        update = EndpointsUpdate(changed=set(self._dirty))
+        for service in update.changed:
+            before = self._applied.pop(service, {})
+            for port_name in before:
                 del self.endpoints_map[port_name]
             merged = self._merged(service)
             if merged:
                 self._applied[service] = merged
                 self.endpoints_map.update(merged)
+            for port_name in before.keys() | merged.keys():
+                old = {ep.ip for ep in usable_endpoints(before.get(port_name, ()))}
+                new = {ep.ip for ep in usable_endpoints(merged.get(port_name, ()))}
+                if old - new:
+                    update.stale_endpoints[port_name] = old - new
+                if new and not old:
+                    update.newly_served.add(port_name)
+            update.trigger_times += self._trigger_times.pop(service, [])
         self._dirty.clear()
-        times = [t for service in changed for t in self._trigger_times.pop(service, [])]
-        return changed, times
+        return update

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
+from pykubeproxy.conntrack import delete_flows, stale_flows
 from pykubeproxy.convert import node_is_deleting, slice_service
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.iptables.render import Renderer
@@ -49,6 +50,7 @@ class Proxier:
         sync_period: float,
         min_sync_period: float,
         clock: Callable[[], float] = time.monotonic,
+        flush_flows: Callable[[list[list[str]]], None] = delete_flows,
     ) -> None:
         self.renderer = renderer
         self.applier = applier
@@ -57,6 +59,8 @@ class Proxier:
         self.sync_period = sync_period
         self.min_sync_period = min_sync_period
         self._clock = clock
+        self.flush_flows = flush_flows
+        self._stale_flows: list[list[str]] = []
         self._lock = threading.Lock()
         self.services = ServiceChangeTracker()
         self.endpoints = EndpointsChangeTracker()
@@ -134,10 +138,11 @@ class Proxier:
         started = time.monotonic()
         with self._lock:
             changed_services = self.services.apply()
-            changed_endpoints, trigger_times = self.endpoints.apply()
+            endpoints = self.endpoints.apply()
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
-        changed = changed_services | changed_endpoints
+        changed = changed_services | endpoints.changed
+        self._stale_flows += stale_flows(endpoints, self.services.service_map)
         try:
             try:
                 self._apply(full, changed)
@@ -165,7 +170,9 @@ class Proxier:
         )
         self.metrics.last_sync.set(time.time())
         wall = datetime.now(UTC)
-        for trigger in trigger_times:
+        self.flush_flows(self._stale_flows)
+        self._stale_flows = []
+        for trigger in endpoints.trigger_times:
             self.metrics.network_programming.observe(max(0.0, (wall - trigger).total_seconds()))
         self.health.updated()
         log.log(

@@ -77,7 +77,7 @@ class Node:
         self.endpoints.update(svc, meta["name"], obj)
 
     def render(self, partial: bool = False) -> list[TableState]:
-        changed = self.services.apply() | self.endpoints.apply()[0]
+        changed = self.services.apply() | self.endpoints.apply().changed
         rewrite = (
             {n for n in self.services.service_map if n.service in changed} if partial else None
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from ipaddress import ip_address
 
 import objects as o
 
@@ -38,8 +39,7 @@ def test_slices_of_one_service_are_merged_and_sorted() -> None:
         "web-2",
         o.endpoint_slice("ns", "web", ["10.244.0.2", "10.244.0.9"], ports, slice_name="web-2"),
     )
-    changed, _ = tracker.apply()
-    assert changed == {WEB}
+    assert tracker.apply().changed == {WEB}
     (endpoints,) = tracker.endpoints_map.values()
     assert [e.address for e in endpoints] == [
         "10.244.0.10:8080",
@@ -62,5 +62,16 @@ def test_trigger_times_are_returned_once() -> None:
         annotations={"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-24T05:00:00Z"},
     )
     tracker.update(WEB, "web-abcde", eps)
-    assert tracker.apply() == ({WEB}, [datetime(2026, 11, 24, 5, tzinfo=UTC)])
-    assert tracker.apply() == (set(), [])
+    assert tracker.apply().trigger_times == [datetime(2026, 11, 24, 5, tzinfo=UTC)]
+    assert tracker.apply().trigger_times == []
+
+
+def test_stale_endpoints_and_newly_served_ports() -> None:
+    tracker = EndpointsChangeTracker()
+    ports = [o.port("dns", 53, "UDP")]
+    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.2"], ports))
+    (name,) = tracker.apply().newly_served
+    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.3"], ports))
+    update = tracker.apply()
+    assert update.stale_endpoints == {name: {ip_address("10.244.0.2")}}
+    assert not update.newly_served
