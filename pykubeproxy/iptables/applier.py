@@ -24,6 +24,7 @@ from typing import Any
 
 import iptc
 
+from pykubeproxy.iptables.encoder import EntryEncoder
 from pykubeproxy.iptables.ruleset import CANARY, Argv, KeptChainMissing, TableState, is_owned
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,26 @@ def xtables_lock(path: str = XTABLES_LOCK) -> Iterator[None]:
 class IptcApplier:
     """Applies rendered tables with python-iptables, one commit per table."""
 
-    def __init__(self, lock_path: str = XTABLES_LOCK) -> None:
+    def __init__(self, lock_path: str = XTABLES_LOCK, *, fast: bool = True) -> None:
         self.lock_path = lock_path
         self._entries: dict[Argv, Any] = {}
+        # Built on the first cache miss (learning costs python-iptables builds).
+        self.encoder: EntryEncoder | None = None
+        self._fast = fast
 
     def _entry(self, argv: Argv) -> Any:
+        """The rule's entry: cached, else the fast encoder, else python-iptables."""
         entry = self._entries.get(argv)
         if entry is None:
-            rule = build_rule(argv)
-            rule.final_check()
-            entry = self._entries[argv] = rule.rule
+            if self._fast and self.encoder is None:
+                self.encoder = EntryEncoder()
+            if self.encoder is not None:
+                entry = self.encoder.encode(argv)
+            if entry is None:
+                rule = build_rule(argv)
+                rule.final_check()
+                entry = rule.rule
+            self._entries[argv] = entry
         return entry
 
     def forget_unused(self, live: set[Argv]) -> None:

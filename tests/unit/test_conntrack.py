@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 import objects as o
+
 from pykubeproxy.changes import EndpointsUpdate
 from pykubeproxy.conntrack import stale_flows
 from pykubeproxy.convert import service_ports
