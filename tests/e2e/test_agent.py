@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,3 +251,43 @@ def test_a_bad_flag_stops_at_start_with_one_line() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "invalid duration" in done.stderr
+
+
+def test_udp_flows_follow_endpoint_changes(lab: Lab) -> None:
+    """A client that keeps its source port must not stay on a removed endpoint."""
+    for name in ("web-0", "web-1"):
+        lab.cluster.pods[name].serve_udp(5353)
+    lab.server.create("services", service("dns", "10.96.0.53", 53, 5353, protocol="UDP"))
+    lab.server.create(
+        "endpointslices", endpoint_slice("dns", pod_ips(lab, "web-0"), 5353, protocol="UDP")
+    )
+    started(lab)
+    client = lab.cluster.pods["web-2"]
+    with client.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.connect(("10.96.0.53", 53))
+
+        def ask() -> str:
+            sock.send(b"ping\n")
+            return sock.recv(100).decode().strip()
+
+        assert ask() == "web-0"
+        lab.server.update(
+            "endpointslices", endpoint_slice("dns", pod_ips(lab, "web-1"), 5353, protocol="UDP")
+        )
+        lab.wait_for("the same UDP flow to move to web-1", lambda: ask() == "web-1")
+
+
+def test_says_so_when_the_node_rules_live_in_nf_tables(lab: Lab) -> None:
+    lab.cluster.node.exec(["nft", "add", "table", "ip", "filter"])
+    started(lab)
+    assert "rules live in nf_tables (ip filter)" in lab.agent_log()
+
+
+def test_nodeport_addresses_limit_where_nodeports_answer(lab: Lab) -> None:
+    lab.agent_args = ("--nodeport-addresses", "198.18.0.0/24")
+    started(lab)
+    assert "-d 198.18.0.2/32 -m comment --comment" in lab.nat_rules()
+    assert reached(lab) == {"web-0", "web-1", "web-2"}
+    with pytest.raises(ConnectionRefusedError):  # not NATed: nothing listens there
+        lab.cluster.pods["web-0"].tcp_request(lab.cluster.gateway_ip, NODE_PORT, timeout=2)
