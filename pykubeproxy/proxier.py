@@ -61,6 +61,7 @@ class Proxier:
         self._clock = clock
         self.flush_flows = flush_flows
         self._stale_flows: list[list[str]] = []
+        self._orphans: set[NamespacedName] = set()
         self._lock = threading.Lock()
         self.services = ServiceChangeTracker()
         self.endpoints = EndpointsChangeTracker()
@@ -175,6 +176,7 @@ class Proxier:
         for trigger in endpoints.trigger_times:
             self.metrics.network_programming.observe(max(0.0, (wall - trigger).total_seconds()))
         self.health.updated()
+        self._report_orphans(endpoints.changed | changed_services)
         log.log(
             logging.INFO if full else logging.DEBUG,
             "%s sync: %d services, %d changed, %.3fs",
@@ -183,6 +185,17 @@ class Proxier:
             len(changed),
             elapsed,
         )
+
+    def _report_orphans(self, changed: set[NamespacedName]) -> None:
+        """Log, once, endpoints whose Service does not exist (or is not proxied)."""
+        known = {name.service for name in self.services.service_map}
+        for service in changed:
+            has_endpoints = any(n.service == service for n in self.endpoints.endpoints_map)
+            if has_endpoints and service not in known and service not in self._orphans:
+                log.info("EndpointSlices of Service %s ignored: no such proxied Service", service)
+                self._orphans.add(service)
+            elif service in known or not has_endpoints:
+                self._orphans.discard(service)
 
     def _apply(self, full: bool, changed: set[Any]) -> None:
         rewrite = (
