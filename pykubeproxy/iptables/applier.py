@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import iptc
+from iptc.ip4tc import is_table_available
 
 from pykubeproxy.iptables.encoder import EntryEncoder
 from pykubeproxy.iptables.ruleset import CANARY, Argv, KeptChainMissing, TableState, is_owned
@@ -34,14 +35,30 @@ IPT_ENTRY_SIZE = ctypes.sizeof(iptc.ip4tc.ipt_entry)
 MATCH_NAME_OFFSET = 2  # struct xt_entry_match: u16 match_size, char name[29], u8 revision
 MATCH_HEADER_SIZE = 32
 COMMENT_SIZE = 256
+SLOW_CACHE_LIMIT = 10_000
 
 
 class ApplyError(RuntimeError):
     """The kernel refused a transaction; nothing of it was applied."""
 
 
+def _open_tables() -> None:
+    """Give every table singleton a libiptc handle.
+
+    python-iptables decides whether ``-j NAME`` is a jump by asking every table
+    whether NAME is a chain; asking a table the applier has closed would pass
+    libiptc a NULL handle and crash the process.
+    """
+    for name in iptc.Table.ALL:
+        if is_table_available(name):
+            table = iptc.Table(name)
+            if table._handle is None:
+                table.refresh()
+
+
 def build_rule(argv: Argv) -> Any:
     """A python-iptables Rule from kube-proxy-style arguments (``-A CHAIN`` excluded)."""
+    _open_tables()
     rule = iptc.Rule()
     module: Any = None
     negate = False
@@ -122,30 +139,26 @@ class IptcApplier:
 
     def __init__(self, lock_path: str = XTABLES_LOCK, *, fast: bool = True) -> None:
         self.lock_path = lock_path
-        self._entries: dict[Argv, Any] = {}
-        # Built on the first cache miss (learning costs python-iptables builds).
+        # Entries only python-iptables can build, kept because each costs ~300 µs.
+        self._slow_entries: dict[Argv, Any] = {}
+        # Built on the first use (learning costs a few python-iptables builds).
         self.encoder: EntryEncoder | None = None
         self._fast = fast
 
     def _entry(self, argv: Argv) -> Any:
-        """The rule's entry: cached, else the fast encoder, else python-iptables."""
-        entry = self._entries.get(argv)
+        """The rule's binary entry: from the fast encoder, else python-iptables (cached)."""
+        if self._fast and self.encoder is None:
+            self.encoder = EntryEncoder()
+        entry = self.encoder.encode(argv) if self.encoder is not None else None
         if entry is None:
-            if self._fast and self.encoder is None:
-                self.encoder = EntryEncoder()
-            if self.encoder is not None:
-                entry = self.encoder.encode(argv)
-            if entry is None:
-                rule = build_rule(argv)
-                rule.final_check()
-                entry = rule.rule
-            self._entries[argv] = entry
+            entry = self._slow_entries.get(argv)
+        if entry is None:
+            if len(self._slow_entries) >= SLOW_CACHE_LIMIT:
+                self._slow_entries.clear()
+            rule = build_rule(argv)
+            rule.final_check()
+            entry = self._slow_entries[argv] = rule.rule
         return entry
-
-    def forget_unused(self, live: set[Argv]) -> None:
-        """Drop cached entries no longer rendered, so memory follows the cluster size."""
-        for argv in set(self._entries) - live:
-            del self._entries[argv]
 
     def apply(self, tables: list[TableState]) -> None:
         with xtables_lock(self.lock_path):
@@ -161,7 +174,7 @@ class IptcApplier:
         except iptc.IPTCError as err:
             raise ApplyError(f"{state.name}: {err}") from err
         finally:
-            table.refresh()
+            table.close()  # frees libiptc's copy of the table until the next sync
 
     def _stage(self, table: Any, state: TableState) -> None:
         if state.kept and not table.is_chain(CANARY):
@@ -169,7 +182,7 @@ class IptcApplier:
         for chain in state.kept:
             if not table.is_chain(chain) or not table.first_rule(chain):
                 raise KeptChainMissing(f"{state.name}: {chain} is gone or empty")
-        existing = {chain.name for chain in table.chains}
+        existing = set(chain_names(table))
         for chain in state.chains:
             if chain in existing:
                 table.flush_entries(chain)
@@ -207,21 +220,20 @@ class IptcApplier:
                     self._remove_owned(table)
                     table.commit()
                 finally:
-                    table.refresh()
+                    table.close()
 
     def _remove_owned(self, table: Any) -> None:
-        for chain in table.chains:
-            if not table.builtin_chain(chain.name):
+        for chain in chain_names(table):
+            if not table.builtin_chain(chain):
                 continue
             doomed = [
                 position
-                for position, entry in enumerate(iter_entries(table, chain.name))
-                if (identity := _jump_identity(entry, table)) is not None
-                and is_owned(identity[0])
+                for position, entry in enumerate(iter_entries(table, chain))
+                if (identity := _jump_identity(entry, table)) is not None and is_owned(identity[0])
             ]
             for index in reversed(doomed):
-                table._iptc.iptc_delete_num_entry(chain.name.encode(), index, table._handle)
-        owned = [chain.name for chain in table.chains if is_owned(chain.name)]
+                table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle)
+        owned = [name for name in chain_names(table) if is_owned(name)]
         for name in owned:
             table.flush_entries(name)
         for name in owned:
@@ -234,20 +246,31 @@ def backend_report() -> list[str]:
         table = iptc.Table("nat", autocommit=False)
         table.refresh()
     except iptc.IPTCError as err:
-        return [f"legacy xtables (ip_tables) is not usable in this kernel: {err}; "
-                "pykubeproxy's iptables mode needs it"]
-    legacy_rules = sum(1 for chain in table.chains if not is_owned(chain.name)
-                       for _ in iter_entries(table, chain.name))
+        return [
+            f"legacy xtables (ip_tables) is not usable in this kernel: {err}; "
+            "pykubeproxy's iptables mode needs it"
+        ]
+    foreign_rules = sum(
+        1
+        for chain in chain_names(table)
+        if not is_owned(chain)
+        for entry in iter_entries(table, chain)
+        if not is_owned((_jump_identity(entry, table) or ("", ""))[0])
+    )
+    table.close()
     try:
-        nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
-                             timeout=10, check=False).stdout.split("\n")
+        nft = subprocess.run(
+            ["nft", "list", "tables"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split("\n")
     except OSError:
         return []
     nft_tables = [line.removeprefix("table ").strip() for line in nft if line.startswith("table")]
-    if nft_tables and legacy_rules == 0:
-        return [f"this node's rules live in nf_tables ({', '.join(nft_tables)}), "
-                "e.g. iptables-nft; pykubeproxy writes legacy xtables, which the kernel "
-                "evaluates too: list them with iptables-legacy-save, not iptables-nft"]
+    if nft_tables and foreign_rules == 0:
+        return [
+            f"this node's rules live in nf_tables ({', '.join(nft_tables)}), "
+            "e.g. iptables-nft; pykubeproxy writes legacy xtables, which the kernel "
+            "evaluates too: list them with iptables-legacy-save, not iptables-nft"
+        ]
     return []
 
 
@@ -257,3 +280,13 @@ def iter_entries(table: Any, chain: str) -> Iterator[Any]:
     while entry:
         yield entry
         entry = table.next_rule(entry)
+
+
+def chain_names(table: Any) -> list[str]:
+    """The table's chain names, straight from libiptc (no python-iptables Chain objects)."""
+    names = []
+    name = table._iptc.iptc_first_chain(table._handle)
+    while name:
+        names.append(name.decode())
+        name = table._iptc.iptc_next_chain(table._handle)
+    return names

@@ -316,8 +316,8 @@ def test_applier_entries_come_from_the_encoder() -> None:
                   "-j", "DNAT", "--to-destination", "10.244.1.9:8080")  # fmt: skip
     fast, slow = IptcApplier(fast=True), IptcApplier(fast=False)
     entry = fast._entry(argv)
-    assert isinstance(entry, bytes) and fast._entry(argv) is entry  # cached
-    assert fast.encoder is not None and fast.encoder.encoded == 1
+    assert isinstance(entry, bytes) and fast._entry(argv) == entry
+    assert fast.encoder is not None and fast.encoder.encoded == 2  # encoded, not cached
     assert bytes(slow._entry(argv)) == entry
     assert slow.encoder is None
 
@@ -362,6 +362,6 @@ def test_kernel_holds_the_same_rules_either_way(tmp_path: Path) -> None:
     slow_text = save(tables, IptcApplier(str(tmp_path / "lock"), fast=False))
     assert fast.encoder is not None
     assert fast.encoder.fallbacks == 0
-    assert fast.encoder.encoded == len(set(rules_of(tables)))
+    assert fast.encoder.encoded >= len(set(rules_of(tables)))  # no cache: repeats re-encode
     assert fast_text == slow_text
     assert fast_text.count("\n-A ") > 800
