@@ -2,7 +2,7 @@
 
 The agent applies rules with python-iptables (libiptc); kube-proxy pipes text into
 iptables-restore. This measures both on the same rendered rules, so the README can
-say what a full sync, a warm re-sync and a one-endpoint change cost at 1,000 and
+say what a first full sync, a periodic full sync and a one-endpoint change cost at 1,000 and
 10,000 Services, and what the fast entry encoder buys over python-iptables' parser.
 
 Every measurement runs in a network namespace created here (``pkpb-bench-*``) and
@@ -217,8 +217,8 @@ def bench(sizes: list[int]) -> None:
         n, d = r["rules"], r["partial_rules"]
         rows += [
             Row("render only", size, n, r["render"]),
-            Row("full sync, cold entry cache (render + apply)", size, n, r["cold"]),
-            Row("full sync, warm entry cache (render + apply)", size, n, r["warm"]),
+            Row("first full sync (render + encode + apply)", size, n, r["cold"]),
+            Row("periodic full sync (render memoised + encode + apply)", size, n, r["warm"]),
             Row("one-endpoint change, partial sync*", size, d, r["partial"]),
             Row("iptables-legacy-restore, full", size, n, r["restore"]),
             Row(
@@ -226,9 +226,9 @@ def bench(sizes: list[int]) -> None:
             ),
         ]
         notes.append(
-            f"{size:,} Services: encoder {r['encode_us']:.1f} µs/rule on cache misses "
+            f"{size:,} Services: encoder {r['encode_us']:.1f} µs/rule "
             f"({r['shapes']} shapes, self-check {r['self_check']:.2f} s, "
-            f"{r['fallbacks']} fallbacks); RSS after the cold full sync: "
+            f"{r['fallbacks']} fallbacks); RSS after the first full sync: "
             f"ru_maxrss {r['rss_peak']:.0f} MiB, VmRSS {r['rss']:.0f} MiB "
             f"(VmRSS before apply, rendered rules only: {r['rss_rendered']:.0f} MiB)"
         )
@@ -236,7 +236,7 @@ def bench(sizes: list[int]) -> None:
         with tempfile.TemporaryDirectory(prefix="pkpb-bench-") as tmp:
             r = run_worker(1000, False, Path(tmp))
         rows.append(
-            Row("full sync, cold, python-iptables only (no encoder)", 1000, r["rules"], r["cold"])
+            Row("first full sync, python-iptables only (no encoder)", 1000, r["rules"], r["cold"])
         )
         notes.append(
             f"1,000 Services without the encoder: RSS ru_maxrss {r['rss_peak']:.0f} MiB, "
