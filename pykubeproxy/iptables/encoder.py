@@ -36,11 +36,11 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_network
 
 import iptc
 
-from pykubeproxy.iptables.render import RenderConfig, Renderer, parse_cidrs
+from pykubeproxy.iptables.render import RenderConfig, Renderer
 from pykubeproxy.iptables.ruleset import Argv
 from pykubeproxy.model import (
     Endpoint,
@@ -474,7 +474,7 @@ def sample_rules() -> list[Argv]:
                 )
     configs = [
         RenderConfig(),
-        RenderConfig(cluster_cidr=parse_cidrs("10.244.0.0/16,10.245.0.0/16")),
+        RenderConfig(cluster_cidr=(ip_network("10.244.0.0/16"), ip_network("10.245.0.0/16"))),
         RenderConfig(masquerade_all=True, random_fully=False, localhost_nodeports=False),
         RenderConfig(nodeport_ips=(IPv4Address("127.0.0.1"), IPv4Address("198.18.0.2"))),
     ]

@@ -10,7 +10,7 @@ a partial sync can tell the applier which per-Service chains to leave alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network
 
 from pykubeproxy.iptables.ruleset import (
     CANARY,
@@ -65,6 +65,10 @@ def endpoint_chain(name: ServicePortName, endpoint: Endpoint) -> str:
     return "KUBE-SEP-" + chain_hash(f"{name}{name.protocol.value}{endpoint.address}")
 
 
+def comment(text: str) -> Argv:
+    return ("-m", "comment", "--comment", text)
+
+
 def probability(n: int) -> str:
     return f"{1.0 / n:.10f}"
 
@@ -77,7 +81,6 @@ class ServiceRules:
     nat_nodeports: list[Argv] = field(default_factory=list)
     filter_services: list[Argv] = field(default_factory=list)
     filter_external: list[Argv] = field(default_factory=list)
-    filter_nodeports: list[Argv] = field(default_factory=list)
     nat_chains: dict[str, list[Argv]] = field(default_factory=dict)
 
 
@@ -88,28 +91,14 @@ def render_service(
     out = ServiceRules()
     name = str(svc.name)
     proto = svc.protocol.value
-    port = str(svc.port)
+    match = ("-m", proto, "-p", proto)
+    port, node_port = str(svc.port), str(svc.node_port)
     ready = usable_endpoints(endpoints)
     svc_chain = service_chain(svc.name)
     ext_chain = service_chain(svc.name, "KUBE-EXT-")
 
-    def to_ip(comment: str, ip: IPAddress, target: str, dport: str = port) -> Argv:
-        return (
-            "-m",
-            "comment",
-            "--comment",
-            comment,
-            "-m",
-            proto,
-            "-p",
-            proto,
-            "-d",
-            str(ip),
-            "--dport",
-            dport,
-            "-j",
-            target,
-        )
+    def to_ip(text: str, ip: IPAddress, target: str) -> Argv:
+        return (*comment(text), *match, "-d", str(ip), "--dport", port, "-j", target)
 
     if not ready:
         reject = f"{name} has no endpoints"
@@ -117,128 +106,52 @@ def render_service(
         for ip in (*svc.external_ips, *svc.load_balancer_ips):
             out.filter_external.append(to_ip(reject, ip, "REJECT"))
         if svc.node_port:
+            local = ("-m", "addrtype", "--dst-type", "LOCAL")
             out.filter_external.append(
-                (
-                    "-m",
-                    "comment",
-                    "--comment",
-                    reject,
-                    "-m",
-                    "addrtype",
-                    "--dst-type",
-                    "LOCAL",
-                    "-m",
-                    proto,
-                    "-p",
-                    proto,
-                    "--dport",
-                    str(svc.node_port),
-                    "-j",
-                    "REJECT",
-                )
+                (*comment(reject), *local, *match, "--dport", node_port, "-j", "REJECT")
             )
         return out
 
     cluster_ip_rule = to_ip(f"{name} cluster IP", svc.cluster_ip, svc_chain)
     out.nat_services.append(cluster_ip_rule)
-    out.nat_services.extend(to_ip(f"{name} external IP", ip, ext_chain) for ip in svc.external_ips)
-    out.nat_services.extend(
+    out.nat_services += [to_ip(f"{name} external IP", ip, ext_chain) for ip in svc.external_ips]
+    out.nat_services += [
         to_ip(f"{name} loadbalancer IP", ip, ext_chain) for ip in svc.load_balancer_ips
-    )
+    ]
     if svc.node_port:
-        out.nat_nodeports.append(
-            (
-                "-m",
-                "comment",
-                "--comment",
-                name,
-                "-m",
-                proto,
-                "-p",
-                proto,
-                "--dport",
-                str(svc.node_port),
-                "-j",
-                ext_chain,
-            )
-        )
+        out.nat_nodeports.append((*comment(name), *match, "--dport", node_port, "-j", ext_chain))
 
     svc_rules: list[Argv] = []
     masq_match = cluster_ip_rule[:-2]
     if cfg.masquerade_all:
         svc_rules.append((*masq_match, "-j", MARK_MASQ))
-    elif cfg.cluster_cidr:
-        for cidr in cfg.cluster_cidr:
-            svc_rules.append((*masq_match, "!", "-s", str(cidr), "-j", MARK_MASQ))
+    else:
+        svc_rules += [(*masq_match, "!", "-s", str(c), "-j", MARK_MASQ) for c in cfg.cluster_cidr]
     if svc.externally_accessible:
-        out.nat_chains[ext_chain] = [
-            (
-                "-m",
-                "comment",
-                "--comment",
-                f"masquerade traffic for {name} external destinations",
-                "-j",
-                MARK_MASQ,
-            ),
-            ("-j", svc_chain),
-        ]
-    seps = [endpoint_chain(svc.name, ep) for ep in ready]
-    if svc.session_affinity_seconds is not None:
-        svc_rules.extend(
-            (
-                "-m",
-                "comment",
-                "--comment",
-                f"{name} -> {ep.address}",
-                "-m",
-                "recent",
-                "--name",
-                sep,
-                "--rcheck",
-                "--seconds",
-                str(svc.session_affinity_seconds),
-                "--reap",
-                "-j",
-                sep,
-            )
-            for ep, sep in zip(ready, seps, strict=True)
-        )
-    for i, (ep, sep) in enumerate(zip(ready, seps, strict=True)):
+        masquerade = comment(f"masquerade traffic for {name} external destinations")
+        out.nat_chains[ext_chain] = [(*masquerade, "-j", MARK_MASQ), ("-j", svc_chain)]
+    seps = [(ep, endpoint_chain(svc.name, ep)) for ep in ready]
+    affinity = svc.session_affinity_seconds
+    if affinity is not None:
+        svc_rules += [
+            (*comment(f"{name} -> {ep.address}"), "-m", "recent", "--name", sep,
+             "--rcheck", "--seconds", str(affinity), "--reap", "-j", sep)
+            for ep, sep in seps
+        ]  # fmt: skip
+    n = len(seps)
+    for i, (ep, sep) in enumerate(seps):
         pick: Argv = ()
-        if i < len(ready) - 1:
-            pick = (
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                probability(len(ready) - i),
-            )
-        svc_rules.append(
-            ("-m", "comment", "--comment", f"{name} -> {ep.address}", *pick, "-j", sep)
-        )
+        if i < n - 1:
+            pick = ("-m", "statistic", "--mode", "random", "--probability", probability(n - i))
+        svc_rules.append((*comment(f"{name} -> {ep.address}"), *pick, "-j", sep))
     out.nat_chains[svc_chain] = svc_rules
-    for ep, sep in zip(ready, seps, strict=True):
-        affinity: Argv = ()
-        if svc.session_affinity_seconds is not None:
-            affinity = ("-m", "recent", "--name", sep, "--set")
+    remember: Argv = ()
+    for ep, sep in seps:
+        if affinity is not None:
+            remember = ("-m", "recent", "--name", sep, "--set")
         out.nat_chains[sep] = [
-            ("-m", "comment", "--comment", name, "-s", str(ep.ip), "-j", MARK_MASQ),
-            (
-                "-m",
-                "comment",
-                "--comment",
-                name,
-                *affinity,
-                "-m",
-                proto,
-                "-p",
-                proto,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                ep.address,
-            ),
+            (*comment(name), "-s", str(ep.ip), "-j", MARK_MASQ),
+            (*comment(name), *remember, *match, "-j", "DNAT", "--to-destination", ep.address),
         ]
     return out
 
@@ -314,7 +227,6 @@ class Renderer:
         nat_nodeports: list[Argv] = []
         filter_services: list[Argv] = []
         filter_external: list[Argv] = []
-        filter_nodeports: list[Argv] = []
         service_chains: dict[str, list[Argv]] = {}
         for name in sorted(services, key=str):
             rules = self._service(services[name], endpoints.get(name, ()))
@@ -322,7 +234,6 @@ class Renderer:
             nat_nodeports += rules.nat_nodeports
             filter_services += rules.filter_services
             filter_external += rules.filter_external
-            filter_nodeports += rules.filter_nodeports
             if rewrite is None or name in rewrite:
                 service_chains.update(rules.nat_chains)
             else:
@@ -335,95 +246,52 @@ class Renderer:
             local: Argv = ("-m", "addrtype", "--dst-type", "LOCAL")
             if not cfg.localhost_nodeports:
                 local = (*local, "!", "-d", "127.0.0.0/8")
-            nat_services.append(
-                ("-m", "comment", "--comment", NODEPORTS_COMMENT, *local, "-j", NODEPORTS)
-            )
+            nat_services.append((*comment(NODEPORTS_COMMENT), *local, "-j", NODEPORTS))
         else:
             nat_services.extend(
-                ("-m", "comment", "--comment", NODEPORTS_COMMENT, "-d", str(ip), "-j", NODEPORTS)
+                (*comment(NODEPORTS_COMMENT), "-d", str(ip), "-j", NODEPORTS)
                 for ip in cfg.nodeport_ips
                 if cfg.localhost_nodeports or not ip.is_loopback
             )
 
         masq_random: Argv = ("--random-fully",) if cfg.random_fully else ()
+        marked = ("-m", "mark", "--mark", f"{mark}/{mark}")
+        snat = comment("kubernetes service traffic requiring SNAT")
         nat.chains = {
             SERVICES: nat_services,
             NODEPORTS: nat_nodeports,
             POSTROUTING: [
-                ("-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
+                ("-m", "mark", "!", *marked[2:], "-j", "RETURN"),
                 ("-j", "MARK", "--xor-mark", mark),
-                (
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "kubernetes service traffic requiring SNAT",
-                    "-j",
-                    "MASQUERADE",
-                    *masq_random,
-                ),
+                (*snat, "-j", "MASQUERADE", *masq_random),
             ],
             MARK_MASQ: [("-j", "MARK", "--or-mark", mark)],
             CANARY: [],
             **service_chains,
         }
+        established = ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED")
         filt.chains = {
             SERVICES: filter_services,
             EXTERNAL_SERVICES: filter_external,
             FORWARD: [
                 ("-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"),
-                (
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "kubernetes forwarding rules",
-                    "-m",
-                    "mark",
-                    "--mark",
-                    f"{mark}/{mark}",
-                    "-j",
-                    "ACCEPT",
-                ),
-                (
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "kubernetes forwarding conntrack rule",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "RELATED,ESTABLISHED",
-                    "-j",
-                    "ACCEPT",
-                ),
+                (*comment("kubernetes forwarding rules"), *marked, "-j", "ACCEPT"),
+                (*comment("kubernetes forwarding conntrack rule"), *established, "-j", "ACCEPT"),
             ],
-            NODEPORTS: filter_nodeports,
+            NODEPORTS: [],  # health-check node ports come with traffic policies
             PROXY_FIREWALL: [],
             CANARY: [],
         }
         if cfg.localhost_nodeports:
+            localnet = ("-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8")
+            not_ours = ("-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT")
             filt.chains[FIREWALL] = [
                 (
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "block incoming localnet connections",
-                    "-d",
-                    "127.0.0.0/8",
-                    "!",
-                    "-s",
-                    "127.0.0.0/8",
-                    "-m",
-                    "conntrack",
-                    "!",
-                    "--ctstate",
-                    "RELATED,ESTABLISHED,DNAT",
+                    *comment("block incoming localnet connections"),
+                    *localnet,
+                    *not_ours,
                     "-j",
                     "DROP",
-                ),
+                )
             ]
         return nat, filt
-
-
-def parse_cidrs(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
-    """A comma-separated CIDR list, as --cluster-cidr takes it."""
-    return tuple(ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
