@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,13 @@ def reached(lab: Lab, n: int = 30) -> set[str]:
 
 
 def converge(lab: Lab, want: set[str], what: str) -> None:
-    lab.wait_for(what, lambda: reached(lab, 20) == want)
+    def done() -> bool:
+        try:
+            return reached(lab, 20) == want
+        except OSError:  # refused or timed out: not there yet
+            return False
+
+    lab.wait_for(what, done)
 
 
 def started(lab: Lab) -> Lab:
@@ -198,9 +205,11 @@ def test_bad_objects_are_logged_and_skipped(lab: Lab) -> None:
     lab.server.create(
         "endpointslices", endpoint_slice("ports", ["10.244.0.999"], TARGET, name="ports-x1")
     )
+    lab.server.create("endpointslices", endpoint_slice("nosuch", pod_ips(lab, "web-0"), TARGET))
     started(lab)
     assert reached(lab) == {"web-0", "web-1", "web-2"}
     log = lab.agent_log()
+    assert "EndpointSlices of Service default/nosuch ignored" in log
     assert "Service default/bad" in log and "not an IP address" in log
     assert "Service default/ports" in log and "unknown protocol" in log
     assert "EndpointSlice default/ports-x1" in log
@@ -295,3 +304,35 @@ def test_nodeport_addresses_limit_where_nodeports_answer(lab: Lab) -> None:
     assert reached(lab) == {"web-0", "web-1", "web-2"}
     with pytest.raises(ConnectionRefusedError):  # not NATed: nothing listens there
         lab.cluster.pods["web-0"].tcp_request(lab.cluster.gateway_ip, NODE_PORT, timeout=2)
+
+
+def test_flushed_chains_are_restored_within_a_sync_period(lab: Lab) -> None:
+    lab.agent_args = ("--iptables-sync-period", "2s")
+    started(lab)
+    for chain in ("KUBE-SERVICES", "KUBE-NODEPORTS"):
+        lab.cluster.node.exec(["iptables-legacy", "-t", "nat", "-F", chain])
+    with pytest.raises(ConnectionRefusedError):  # nothing NATs it: the node itself answers
+        lab.cluster.client.tcp_request(lab.cluster.node_ip, NODE_PORT, timeout=1)
+    converge(lab, {"web-0", "web-1", "web-2"}, "the periodic full sync to repair the flush")
+    lab.cluster.node.exec(
+        [
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ]
+    )
+    converge(lab, {"web-0", "web-1", "web-2"}, "the jump rule to come back")
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "pykubeproxy"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "--iptables-sync-period" in done.stdout
