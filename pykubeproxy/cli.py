@@ -21,6 +21,7 @@ from pykubeproxy import config as config_module
 from pykubeproxy import kube
 from pykubeproxy.config import ConfigError, ProxyConfig
 from pykubeproxy.health import ProxyHealth
+from pykubeproxy.iptables.backend import IptablesBackend
 from pykubeproxy.iptables.render import RenderConfig, Renderer
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import IPAddress
@@ -119,7 +120,8 @@ def run(cfg: ProxyConfig) -> int:
             "Service IPs is not masqueraded"
         )
     prepare_node(cfg)
-    proxier = Proxier(renderer, applier, metrics, health, cfg.sync_period, cfg.min_sync_period)
+    backend = IptablesBackend(renderer, applier, metrics)
+    proxier = Proxier(backend, metrics, health, cfg.sync_period, cfg.min_sync_period)
     runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period)
     proxier.runner = runner
 

@@ -1,11 +1,12 @@
-"""The iptables proxier: change trackers in, one sync per runner call out.
+"""The proxier: change trackers in, one backend sync per runner call out.
 
 Watch threads call the `on_*` handlers, which only record changes and poke the
-runner. The runner thread calls `sync()`, which applies the trackers, renders
-the tables (only changed Services' chains on a partial sync) and hands them to
-the applier. A full sync happens at start, every sync period, after a failure,
-and whenever a chain a partial sync relies on turns out to be gone (someone
-flushed or deleted our chains): that is how external damage is repaired.
+runner. The runner thread calls `sync()`, which applies the trackers and asks
+the backend (iptables or IPVS) to make the kernel match, naming the Services
+that changed so a partial sync can leave the others alone. A full sync happens
+at start, every sync period, after a failure, and whenever the backend finds
+that state a partial sync relies on is gone (someone flushed or deleted our
+chains): that is how external damage is repaired.
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.conntrack import delete_flows, stale_flows
 from pykubeproxy.convert import node_is_deleting, slice_service
 from pykubeproxy.health import ProxyHealth
-from pykubeproxy.iptables.render import Renderer
-from pykubeproxy.iptables.ruleset import CANARY, KeptChainMissing, TableState
+from pykubeproxy.iptables.ruleset import KeptChainMissing
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import NamespacedName
+from pykubeproxy.model import EndpointsMap, NamespacedName, ServicePortMap, ServicePortName
 
 log = logging.getLogger(__name__)
 
 
-class Applier(Protocol):
-    def apply(self, tables: list[TableState]) -> None: ...
+class Backend(Protocol):
+    """Makes the kernel match the Services; one implementation per proxy mode."""
+
+    def sync(
+        self,
+        services: ServicePortMap,
+        endpoints: EndpointsMap,
+        rewrite: set[ServicePortName] | None,
+    ) -> None:
+        """Full sync when `rewrite` is None, else only those Service ports change.
+
+        Raises KeptChainMissing when a partial sync cannot trust the kernel state.
+        """
 
 
 class Runner(Protocol):
@@ -39,12 +50,11 @@ class Runner(Protocol):
 
 
 class Proxier:
-    """Turns Service/EndpointSlice/Node events into iptables syncs."""
+    """Turns Service/EndpointSlice/Node events into backend syncs."""
 
     def __init__(
         self,
-        renderer: Renderer,
-        applier: Applier,
+        backend: Backend,
         metrics: Metrics,
         health: ProxyHealth,
         sync_period: float,
@@ -52,8 +62,7 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         flush_flows: Callable[[list[list[str]]], None] = delete_flows,
     ) -> None:
-        self.renderer = renderer
-        self.applier = applier
+        self.backend = backend
         self.metrics = metrics
         self.health = health
         self.sync_period = sync_period
@@ -197,16 +206,7 @@ class Proxier:
             elif service in known or not has_endpoints:
                 self._orphans.discard(service)
 
-    def _apply(self, full: bool, changed: set[Any]) -> None:
-        rewrite = (
-            None
-            if full
-            else {name for name in self.services.service_map if name.service in changed}
-        )
-        nat, filt = self.renderer.render(
-            self.services.service_map, self.endpoints.endpoints_map, rewrite
-        )
-        mangle = TableState("mangle", chains={CANARY: []})
-        self.applier.apply([nat, filt, mangle])
-        for table in (nat, filt):
-            self.metrics.rules_total.labels(table.name).set(table.rule_count())
+    def _apply(self, full: bool, changed: set[NamespacedName]) -> None:
+        services = self.services.service_map
+        rewrite = None if full else {name for name in services if name.service in changed}
+        self.backend.sync(services, self.endpoints.endpoints_map, rewrite)

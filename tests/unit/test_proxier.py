@@ -8,6 +8,7 @@ import objects as o
 import pytest
 
 from pykubeproxy.health import ProxyHealth
+from pykubeproxy.iptables.backend import IptablesBackend
 from pykubeproxy.iptables.render import RenderConfig, Renderer, service_chain
 from pykubeproxy.iptables.ruleset import KeptChainMissing, TableState
 from pykubeproxy.metrics import Metrics
@@ -49,8 +50,7 @@ class Clock:
 def setup() -> tuple[Proxier, Applier, Runner, Clock]:
     applier, runner, clock, metrics = Applier(), Runner(), Clock(), Metrics()
     proxier = Proxier(
-        Renderer(RenderConfig()),
-        applier,
+        IptablesBackend(Renderer(RenderConfig()), applier, metrics),
         metrics,
         ProxyHealth(60, metrics),
         sync_period=30,
