@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 Argv = tuple[str, ...]
 
-# Chains the agent owns by name, and the prefixes of its per-Service chains.
+# Chains the agent owns by name (in either mode), and the prefixes of its per-Service chains.
 SERVICES = "KUBE-SERVICES"
 EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 NODEPORTS = "KUBE-NODEPORTS"
@@ -25,6 +25,12 @@ FORWARD = "KUBE-FORWARD"
 PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 FIREWALL = "KUBE-FIREWALL"
 CANARY = "KUBE-PROXY-CANARY"
+# IPVS mode's chains (it shares SERVICES, POSTROUTING, MARK_MASQ, FORWARD, PROXY_FIREWALL).
+NODE_PORT = "KUBE-NODE-PORT"
+LOAD_BALANCER = "KUBE-LOAD-BALANCER"
+SOURCE_RANGES_FIREWALL = "KUBE-SOURCE-RANGES-FIREWALL"
+IPVS_FILTER = "KUBE-IPVS-FILTER"
+IPVS_OUT_FILTER = "KUBE-IPVS-OUT-FILTER"
 OWNED_CHAINS = frozenset(
     {
         SERVICES,
@@ -36,6 +42,11 @@ OWNED_CHAINS = frozenset(
         PROXY_FIREWALL,
         FIREWALL,
         CANARY,
+        NODE_PORT,
+        LOAD_BALANCER,
+        SOURCE_RANGES_FIREWALL,
+        IPVS_FILTER,
+        IPVS_OUT_FILTER,
     }
 )
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
