@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_network
 
 import objects as o
+
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.iptables.ruleset import restore_text
 from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
