@@ -76,6 +76,11 @@ class ProxyConfig:
     sync_period: float = 30.0
     min_sync_period: float = 1.0
     nodeport_addresses: list[str] = field(default_factory=list)
+    ipvs_sync_period: float = 30.0
+    ipvs_min_sync_period: float = 0.0
+    ipvs_scheduler: str = ""
+    ipvs_strict_arp: bool = False
+    ipvs_exclude_cidrs: list[str] = field(default_factory=list)
     metrics_bind_address: str = "127.0.0.1:10249"
     healthz_bind_address: str = "0.0.0.0:10256"
     cleanup: bool = False
@@ -88,19 +93,32 @@ class ProxyConfig:
     def nodeport_cidrs(self) -> tuple[IPv4Network | IPv6Network, ...]:
         return parse_cidrs(self.nodeport_addresses, "--nodeport-addresses")
 
+    def exclude_cidrs(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return parse_cidrs(self.ipvs_exclude_cidrs, "--ipvs-exclude-cidrs")
+
+    def sync_periods(self) -> tuple[float, float]:
+        """(sync period, min sync period) of the mode in use, as kube-proxy picks them."""
+        if self.mode == "ipvs":
+            return self.ipvs_sync_period, self.ipvs_min_sync_period
+        return self.sync_period, self.min_sync_period
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--proxy-mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if not 0 <= self.masquerade_bit <= 31:
             raise ConfigError(f"--iptables-masquerade-bit: {self.masquerade_bit} is not in 0-31")
-        if self.sync_period <= 0:
-            raise ConfigError("--iptables-sync-period must be greater than 0")
-        if self.min_sync_period < 0:
-            raise ConfigError("--iptables-min-sync-period must not be negative")
-        if self.min_sync_period > self.sync_period:
-            raise ConfigError("--iptables-min-sync-period must not exceed --iptables-sync-period")
+        sync, min_sync = self.sync_periods()
+        if sync <= 0:
+            raise ConfigError(f"--{self.mode}-sync-period must be greater than 0")
+        if min_sync < 0:
+            raise ConfigError(f"--{self.mode}-min-sync-period must not be negative")
+        if min_sync > sync:
+            raise ConfigError(
+                f"--{self.mode}-min-sync-period must not exceed --{self.mode}-sync-period"
+            )
         self.cluster_cidrs()
         self.nodeport_cidrs()
+        self.exclude_cidrs()
         for flag, value in (
             ("--metrics-bind-address", self.metrics_bind_address),
             ("--healthz-bind-address", self.healthz_bind_address),
@@ -125,6 +143,11 @@ _FILE_FIELDS: dict[tuple[str, ...], tuple[str, Any]] = {
     ("nodePortAddresses",): ("nodeport_addresses", list),
     ("metricsBindAddress",): ("metrics_bind_address", str),
     ("healthzBindAddress",): ("healthz_bind_address", str),
+    ("ipvs", "syncPeriod"): ("ipvs_sync_period", parse_duration),
+    ("ipvs", "minSyncPeriod"): ("ipvs_min_sync_period", parse_duration),
+    ("ipvs", "scheduler"): ("ipvs_scheduler", str),
+    ("ipvs", "strictARP"): ("ipvs_strict_arp", bool),
+    ("ipvs", "excludeCIDRs"): ("ipvs_exclude_cidrs", list),
 }
 # Fields kube-proxy accepts that this agent reads but does not act on (yet).
 _ACCEPTED_FIELDS = {
@@ -146,10 +169,11 @@ _ACCEPTED_FIELDS = {
     ("clientConnection", "contentType"),
     ("clientConnection", "qps"),
     ("clientConnection", "burst"),
-    ("ipvs",),
+    ("ipvs", "tcpTimeout"),
+    ("ipvs", "tcpFinTimeout"),
+    ("ipvs", "udpTimeout"),
     ("nftables",),
     ("winkernel",),
-    ("iptables", "masqueradeBit"),
 }
 
 
@@ -158,7 +182,7 @@ def _walk(doc: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...],
     leaves = []
     for key, value in doc.items():
         path = (*prefix, str(key))
-        if isinstance(value, dict) and path in {("clientConnection",), ("iptables",)}:
+        if isinstance(value, dict) and path in {("clientConnection",), ("iptables",), ("ipvs",)}:
             leaves += _walk(value, path)
         else:
             leaves.append((path, value))
@@ -260,6 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodeport-addresses",
         action="append",
         help="CIDRs of node addresses that accept NodePorts (default all)",
+    )
+    add(
+        "--ipvs-sync-period",
+        dest="ipvs_sync_period",
+        type=_duration,
+        help="ipvs mode: full resync interval (default 30s)",
+    )
+    add(
+        "--ipvs-min-sync-period",
+        dest="ipvs_min_sync_period",
+        type=_duration,
+        help="ipvs mode: minimum interval between syncs (default 0s)",
+    )
+    add(
+        "--ipvs-scheduler",
+        dest="ipvs_scheduler",
+        help="ipvs mode: IPVS scheduler (default rr), checked against the kernel at start",
+    )
+    add(
+        "--ipvs-strict-arp",
+        dest="ipvs_strict_arp",
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="ipvs mode: set arp_ignore=1 and arp_announce=2",
+    )
+    add(
+        "--ipvs-exclude-cidrs",
+        dest="ipvs_exclude_cidrs",
+        action="append",
+        help="ipvs mode: CIDRs whose IPVS services the agent never touches",
     )
     add("--metrics-bind-address", help="metrics server address (default 127.0.0.1:10249)")
     add("--healthz-bind-address", help="health server address (default 0.0.0.0:10256)")

@@ -86,7 +86,10 @@ def build_rule(argv: Argv) -> Any:
             while i < len(argv) and not argv[i].startswith("-") and argv[i] != "!":
                 values.append(argv[i])
                 i += 1
-            module.set_parameter(arg[2:], prefix + " ".join(values))
+            if len(values) > 1:  # e.g. --match-set NAME dst,dst: separate arguments
+                module.set_parameter(arg[2:], [prefix, *values] if prefix else values)
+            else:
+                module.set_parameter(arg[2:], prefix + "".join(values))
         else:
             raise ValueError(f"unsupported rule argument {arg!r} in {argv!r}")
     if rule.target is None:
@@ -191,53 +194,46 @@ class IptcApplier:
         for chain, rules in state.chains.items():
             for argv in rules:
                 table.append_entry(chain, self._entry(argv))
+        self._reconcile_jumps(table, state)
         wanted = state.chains.keys() | state.kept
         stale = [chain for chain in existing if is_owned(chain) and chain not in wanted]
         for chain in stale:
             table.flush_entries(chain)
         for chain in stale:
             table.delete_chain(chain)
-        self._ensure_jumps(table, state)
 
-    def _ensure_jumps(self, table: Any, state: TableState) -> None:
-        for jump in reversed(state.jumps):
-            target = jump.argv[-1]
+    def _reconcile_jumps(self, table: Any, state: TableState) -> None:
+        """Make the rules that jump from built-in chains into ours exactly `state.jumps`.
+
+        Jumps into our chains that are not wanted (another mode's, an old
+        comment's) are deleted first, so the chains they lead to can go.
+        """
+        wanted: dict[str, set[tuple[str, str]]] = {}
+        for jump in state.jumps:
             comment = jump.argv[jump.argv.index("--comment") + 1]
-            if (target, comment) not in self._identities(table, jump.chain):
-                table.insert_entry(jump.chain, self._entry(jump.argv), 0)
-
-    @staticmethod
-    def _identities(table: Any, chain: str) -> set[tuple[str, str] | None]:
-        return {_jump_identity(entry, table) for entry in iter_entries(table, chain)}
-
-    def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:
-        """Remove every chain and jump rule the agent owns (``--cleanup``)."""
-        with xtables_lock(self.lock_path):
-            for name in table_names:
-                table = iptc.Table(name, autocommit=False)
-                table.refresh()
-                try:
-                    self._remove_owned(table)
-                    table.commit()
-                finally:
-                    table.close()
-
-    def _remove_owned(self, table: Any) -> None:
+            wanted.setdefault(jump.chain, set()).add((jump.argv[-1], comment))
         for chain in chain_names(table):
             if not table.builtin_chain(chain):
                 continue
+            keep = wanted.get(chain, set())
             doomed = [
                 position
                 for position, entry in enumerate(iter_entries(table, chain))
-                if (identity := _jump_identity(entry, table)) is not None and is_owned(identity[0])
+                if (identity := _jump_identity(entry, table)) is not None
+                and is_owned(identity[0])
+                and identity not in keep
             ]
             for index in reversed(doomed):
                 table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle)
-        owned = [name for name in chain_names(table) if is_owned(name)]
-        for name in owned:
-            table.flush_entries(name)
-        for name in owned:
-            table.delete_chain(name)
+        for jump in reversed(state.jumps):
+            comment = jump.argv[jump.argv.index("--comment") + 1]
+            present = {_jump_identity(entry, table) for entry in iter_entries(table, jump.chain)}
+            if (jump.argv[-1], comment) not in present:
+                table.insert_entry(jump.chain, self._entry(jump.argv), 0)
+
+    def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:
+        """Remove every chain and jump rule the agent owns (``--cleanup``): apply nothing."""
+        self.apply([TableState(name) for name in table_names])
 
 
 def backend_report() -> list[str]:

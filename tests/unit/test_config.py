@@ -157,3 +157,25 @@ def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="--config /nonexistent"):
         load(["--config", "/nonexistent"])
+
+
+def test_ipvs_flags_and_file_fields(tmp_path: Path) -> None:
+    cfg = load(["--proxy-mode", "ipvs", "--ipvs-scheduler", "wrr", "--ipvs-strict-arp",
+                "--ipvs-exclude-cidrs", "192.0.2.0/24,198.51.100.0/24",
+                "--ipvs-min-sync-period", "2s"])  # fmt: skip
+    assert cfg.sync_periods() == (30.0, 2.0)
+    assert cfg.ipvs_scheduler == "wrr" and cfg.ipvs_strict_arp
+    assert [str(c) for c in cfg.exclude_cidrs()] == ["192.0.2.0/24", "198.51.100.0/24"]
+    assert load([]).sync_periods() == (30.0, 1.0)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "mode: ipvs\nipvs: {syncPeriod: 10s, minSyncPeriod: 0s, scheduler: lc,\n"
+        "  strictARP: true, excludeCIDRs: [10.0.0.0/8], tcpTimeout: 0s}\n"
+    )
+    cfg = load(["--config", str(path)])
+    assert (cfg.mode, cfg.sync_periods(), cfg.ipvs_scheduler) == ("ipvs", (10.0, 0.0), "lc")
+    with pytest.raises(ConfigError, match="--ipvs-sync-period must be greater than 0"):
+        load(["--proxy-mode", "ipvs", "--ipvs-sync-period", "0s"])
+    with pytest.raises(ConfigError, match="--ipvs-exclude-cidrs"):
+        load(["--ipvs-exclude-cidrs", "nope"])
