@@ -1,0 +1,106 @@
+"""Switching between iptables and IPVS mode leaves no rules of the other mode behind.
+
+Only the iptables half of IPVS mode (and its ipsets) is exercised here: this
+host's kernel has ipsets but no ip_vs; the IPVS half runs in the VM tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from ipaddress import ip_address
+
+import objects as o
+import pytest
+
+from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
+from pykubeproxy.iptables.applier import IptcApplier
+from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
+from pykubeproxy.ipvs.state import IPSETS
+from pykubeproxy.model import NamespacedName
+from pykubeproxy.sandbox.netns import NetNS
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ipset") is None, reason="needs root"),
+]
+NODE_IP = ip_address("198.18.0.2")
+
+
+@pytest.fixture
+def node() -> Iterator[NetNS]:
+    with NetNS("switch") as ns:
+        yield ns
+
+
+def cluster() -> tuple[ServiceChangeTracker, EndpointsChangeTracker]:
+    services, endpoints = ServiceChangeTracker(), EndpointsChangeTracker()
+    web = NamespacedName("default", "web")
+    services.update(
+        web,
+        o.service(
+            "default", "web", "10.96.0.10", [o.port("http", 80, nodePort=30080)], type="NodePort"
+        ),
+    )
+    endpoints.update(
+        web, "web-1", o.endpoint_slice("default", "web", ["10.244.0.2"], [o.port("http", 8080)])
+    )
+    services.apply()
+    endpoints.apply()
+    return services, endpoints
+
+
+def kube_lines(node: NetNS) -> list[str]:
+    save = str(node.exec(["iptables-legacy-save"]).stdout)
+    return [line for line in save.splitlines() if "KUBE-" in line]
+
+
+def test_iptables_to_ipvs_and_back(node: NetNS) -> None:
+    services, endpoints = cluster()
+    applier = IptcApplier()
+    iptables_tables = list(
+        Renderer(RenderConfig()).render(services.service_map, endpoints.endpoints_map)
+    )
+    node.run_inside(lambda: applier.apply(iptables_tables))
+    assert any("KUBE-SVC-" in line for line in kube_lines(node))
+
+    cfg = IpvsConfig(node_name="node-1")
+    state = render_state(
+        services.service_map, endpoints.endpoints_map, cfg, (NODE_IP,), frozenset({NODE_IP})
+    )
+    for spec in IPSETS:  # what the IPVS applier does first
+        node.exec(["ipset", "create", spec.name, spec.type, *spec.create_args(), "-exist"])
+        for entry in state.ipsets[spec.name]:
+            node.exec(["ipset", "add", spec.name, entry, "-exist"])
+    ipvs_tables = list(render_tables(state, cfg))
+    node.run_inside(lambda: applier.apply(ipvs_tables))
+    lines = kube_lines(node)
+    assert not any(
+        name in line
+        for line in lines
+        for name in (
+            "KUBE-SVC-",
+            "KUBE-SEP-",
+            "KUBE-NODEPORTS",
+            "KUBE-EXTERNAL-SERVICES",
+            "KUBE-FIREWALL",
+            "kubernetes load balancer firewall",
+        )
+    )
+    assert (
+        '-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER' in lines
+    )
+    assert any("--match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT" in line for line in lines)
+
+    node.run_inside(lambda: applier.apply(iptables_tables))
+    lines = kube_lines(node)
+    assert any("KUBE-SVC-" in line for line in lines)
+    assert not any(
+        "KUBE-IPVS" in line or "match-set" in line or "KUBE-NODE-PORT " in line for line in lines
+    )
+    for spec in IPSETS:  # no rule references the sets any more: they can go
+        node.exec(["ipset", "destroy", spec.name])
+    node.run_inside(applier.cleanup)
+    assert kube_lines(node) == []
