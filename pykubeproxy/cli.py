@@ -21,12 +21,15 @@ from pykubeproxy import config as config_module
 from pykubeproxy import kube
 from pykubeproxy.config import ConfigError, ProxyConfig
 from pykubeproxy.health import ProxyHealth
-from pykubeproxy.iptables.backend import IptablesBackend
+from pykubeproxy.iptables.backend import Applier, IptablesBackend
 from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.ipvs.backend import IpvsBackend
+from pykubeproxy.ipvs.render import IpvsConfig
+from pykubeproxy.ipvs.state import DUMMY_DEVICE
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import IPAddress
+from pykubeproxy.model import IPAddress, IPNetwork
 from pykubeproxy.nodeinfo import local_addresses, sysctl_read, sysctl_write
-from pykubeproxy.proxier import Proxier
+from pykubeproxy.proxier import Backend, Proxier
 from pykubeproxy.runner import BoundedFrequencyRunner
 from pykubeproxy.web import serve
 
@@ -83,46 +86,85 @@ def prepare_node(cfg: ProxyConfig) -> None:
         )
 
 
-def run(cfg: ProxyConfig) -> int:
-    from pykubeproxy.iptables import applier as iptables_applier
+def ipv4_cidrs(cidrs: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    """The IPv4 part of a CIDR list: the agent proxies IPv4 (dual-stack comes later)."""
+    return tuple(c for c in cidrs if isinstance(c.network_address, IPv4Address))
 
-    if cfg.mode == "ipvs":
-        log.error(
-            "--proxy-mode ipvs is not implemented yet (it is planned, see the README); "
-            "use --proxy-mode iptables"
-        )
-        return 1
-    applier = iptables_applier.IptcApplier()
-    if cfg.cleanup:
-        applier.cleanup()
-        log.info("removed every chain and rule of pykubeproxy")
-        return 0
-    for line in iptables_applier.backend_report():
-        log.warning("%s", line)
 
-    name = node_name(cfg)
-    metrics = Metrics()
-    health = ProxyHealth(timeout=2 * cfg.sync_period, metrics=metrics)
+def remove_ipvs_leftovers() -> None:
+    """IPVS mode's services, kube-ipvs0 and ipsets; harmless where the kernel has no ip_vs."""
+    from pykubeproxy.ipvs.applier import IpvsApplier
+
+    IpvsApplier().cleanup()
+
+
+def iptables_backend(cfg: ProxyConfig, iptables: Applier, metrics: Metrics) -> Backend:
+    prepare_node(cfg)
     renderer = Renderer(
         RenderConfig(
-            cluster_cidr=tuple(
-                c for c in cfg.cluster_cidrs() if isinstance(c.network_address, IPv4Address)
-            ),
+            cluster_cidr=ipv4_cidrs(cfg.cluster_cidrs()),
             masquerade_all=cfg.masquerade_all,
             masquerade_bit=cfg.masquerade_bit,
             nodeport_ips=nodeport_ips(cfg),
             localhost_nodeports=cfg.localhost_nodeports,
         )
     )
+    return IptablesBackend(renderer, iptables, metrics, after_first_sync=remove_ipvs_leftovers)
+
+
+def ipvs_backend(cfg: ProxyConfig, iptables: Applier, metrics: Metrics, node: str) -> Backend:
+    from pykubeproxy.ipvs.applier import IpvsApplier, set_sysctls
+
+    set_sysctls(strict_arp=cfg.ipvs_strict_arp)
+    scheduler = cfg.ipvs_scheduler or "rr"
+    if not cfg.ipvs_scheduler:
+        log.info("IPVS scheduler not specified, use rr by default")
+    ipvs = IpvsApplier(exclude_cidrs=cfg.exclude_cidrs())
+    ipvs.check_scheduler(scheduler)
+    ipvs_cfg = IpvsConfig(
+        node_name=node,
+        scheduler=scheduler,
+        cluster_cidr=ipv4_cidrs(cfg.cluster_cidrs()),
+        masquerade_all=cfg.masquerade_all,
+        masquerade_bit=cfg.masquerade_bit,
+    )
+    return IpvsBackend(
+        ipvs_cfg,
+        ipvs,
+        iptables,
+        metrics,
+        node_addresses=functools.partial(local_addresses, DUMMY_DEVICE),
+        nodeport_cidrs=ipv4_cidrs(cfg.nodeport_cidrs()),
+    )
+
+
+def run(cfg: ProxyConfig) -> int:
+    from pykubeproxy.iptables import applier as iptables_applier
+
+    iptables = iptables_applier.IptcApplier()
+    if cfg.cleanup:
+        iptables.cleanup()
+        remove_ipvs_leftovers()
+        log.info("removed every chain, rule, IPVS service, ipset and device of pykubeproxy")
+        return 0
+    for line in iptables_applier.backend_report():
+        log.warning("%s", line)
+
+    name = node_name(cfg)
+    metrics = Metrics()
+    sync_period, min_sync_period = cfg.sync_periods()
+    health = ProxyHealth(timeout=2 * sync_period, metrics=metrics)
     if not cfg.cluster_cidr and not cfg.masquerade_all:
         log.warning(
             "neither --cluster-cidr nor --masquerade-all is set: off-cluster traffic to "
             "Service IPs is not masqueraded"
         )
-    prepare_node(cfg)
-    backend = IptablesBackend(renderer, applier, metrics)
-    proxier = Proxier(backend, metrics, health, cfg.sync_period, cfg.min_sync_period)
-    runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period)
+    if cfg.mode == "ipvs":
+        backend = ipvs_backend(cfg, iptables, metrics, name)
+    else:
+        backend = iptables_backend(cfg, iptables, metrics)
+    proxier = Proxier(backend, metrics, health, sync_period, min_sync_period)
+    runner = BoundedFrequencyRunner(proxier.sync, min_sync_period, sync_period)
     proxier.runner = runner
 
     serve(cfg.healthz_bind_address, health.routes(), "healthz")
@@ -139,7 +181,9 @@ def run(cfg: ProxyConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     client = kube.api_client(cfg.kubeconfig, cfg.master)
-    log.info("pykubeproxy starting: mode=iptables node=%s api=%s", name, client.configuration.host)
+    log.info(
+        "pykubeproxy starting: mode=%s node=%s api=%s", cfg.mode, name, client.configuration.host
+    )
     for kind, handler in (
         (kube.services_kind(), proxier.on_service),
         (kube.endpoint_slices_kind(), proxier.on_endpoint_slice),

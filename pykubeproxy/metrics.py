@@ -116,6 +116,16 @@ class Metrics:
             "Cumulative proxy iptables partial restore failures",
             registry=reg,
         )
+        self.ipvs_virtual_servers = Gauge(
+            "kubeproxy_ipvs_virtual_servers",
+            "IPVS virtual servers programmed by the agent (ipvs mode)",
+            registry=reg,
+        )
+        self.ipvs_real_servers = Gauge(
+            "kubeproxy_ipvs_real_servers",
+            "IPVS real servers programmed by the agent, draining ones included (ipvs mode)",
+            registry=reg,
+        )
         self.healthz = Counter(
             "kubeproxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=reg
         )

@@ -18,14 +18,15 @@ log = logging.getLogger(__name__)
 SYSCTL_ROOT = Path("/proc/sys")
 
 
-def local_addresses() -> list[IPAddress]:
-    """Every address configured on this network namespace's interfaces."""
+def local_addresses(except_device: str = "") -> list[IPAddress]:
+    """Every address on this network namespace's interfaces (but `except_device`'s)."""
     out = subprocess.run(
         ["ip", "-json", "addr", "show"], check=True, capture_output=True, text=True, timeout=10
     ).stdout
     return [
         ip_address(info["local"])
         for link in json.loads(out)
+        if link.get("ifname") != except_device
         for info in link.get("addr_info", [])
         if "local" in info
     ]

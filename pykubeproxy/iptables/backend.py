@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from pykubeproxy.iptables.render import Renderer
@@ -14,13 +16,27 @@ class Applier(Protocol):
     def apply(self, tables: list[TableState]) -> None: ...
 
 
-class IptablesBackend:
-    """kube-proxy's iptables mode, as a `Backend` of the proxier."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, renderer: Renderer, applier: Applier, metrics: Metrics) -> None:
+
+class IptablesBackend:
+    """kube-proxy's iptables mode, as a `Backend` of the proxier.
+
+    `after_first_sync` runs once, after the first successful sync: starting in
+    iptables mode removes IPVS mode's leftovers once no rule refers to them.
+    """
+
+    def __init__(
+        self,
+        renderer: Renderer,
+        applier: Applier,
+        metrics: Metrics,
+        after_first_sync: Callable[[], None] | None = None,
+    ) -> None:
         self.renderer = renderer
         self.applier = applier
         self.metrics = metrics
+        self._after_first_sync = after_first_sync
 
     def sync(
         self,
@@ -33,3 +49,9 @@ class IptablesBackend:
         self.applier.apply([nat, filt, mangle])
         for table in (nat, filt):
             self.metrics.rules_total.labels(table.name).set(table.rule_count())
+        if self._after_first_sync is not None:
+            cleanup, self._after_first_sync = self._after_first_sync, None
+            try:
+                cleanup()
+            except Exception as err:  # leftovers of another mode must not stop this one
+                log.warning("cannot remove IPVS mode's leftovers: %s", err)

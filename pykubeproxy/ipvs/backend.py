@@ -1,0 +1,72 @@
+"""The IPVS proxy mode, as a `Backend` of the proxier.
+
+Every sync is whole, like kube-proxy's IPVS proxier: the state is small (one
+virtual server per Service IP:port, a few ipsets, a fixed list of iptables
+rules) and the IPVS applier changes only what differs. Order matters: the
+ipsets must exist before iptables rules that match them are committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Protocol
+
+from pykubeproxy.iptables.backend import Applier
+from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
+from pykubeproxy.ipvs.state import IpvsState
+from pykubeproxy.metrics import Metrics
+from pykubeproxy.model import EndpointsMap, IPAddress, IPNetwork, ServicePortMap, ServicePortName
+
+
+class IpvsKernel(Protocol):
+    """What the backend needs of the IPVS applier (pyroute2)."""
+
+    def apply(self, state: IpvsState) -> None: ...
+    def drain(self) -> None: ...
+    def counts(self) -> tuple[int, int]: ...
+
+
+class IpvsBackend:
+    """kube-proxy's IPVS mode: IPVS services, kube-ipvs0, ipsets and a few iptables rules."""
+
+    def __init__(
+        self,
+        cfg: IpvsConfig,
+        ipvs: IpvsKernel,
+        iptables: Applier,
+        metrics: Metrics,
+        node_addresses: Callable[[], list[IPAddress]],
+        nodeport_cidrs: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.ipvs = ipvs
+        self.iptables = iptables
+        self.metrics = metrics
+        self.node_addresses = node_addresses
+        self.nodeport_cidrs = nodeport_cidrs
+
+    def sync(
+        self,
+        services: ServicePortMap,
+        endpoints: EndpointsMap,
+        rewrite: set[ServicePortName] | None,
+    ) -> None:
+        """A whole sync whatever `rewrite` says: IPVS mode has no partial sync."""
+        addresses = frozenset(
+            ip for ip in self.node_addresses() if isinstance(ip, IPv4Address) and not ip.is_loopback
+        )
+        node_ips = tuple(sorted(
+            ip for ip in addresses
+            if not self.nodeport_cidrs or any(ip in cidr for cidr in self.nodeport_cidrs)
+        ))  # fmt: skip
+        state = render_state(services, endpoints, self.cfg, node_ips, addresses)
+        self.ipvs.apply(state)
+        nat, filt = render_tables(state, self.cfg)
+        self.iptables.apply([nat, filt])
+        self.ipvs.drain()
+        virtual, real = self.ipvs.counts()
+        self.metrics.ipvs_virtual_servers.set(virtual)
+        self.metrics.ipvs_real_servers.set(real)
+        for table in (nat, filt):
+            self.metrics.rules_total.labels(table.name).set(table.rule_count())
