@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit kernel bench clean
+.PHONY: setup demo test lint unit kernel bench clean image
 
 setup: $(STAMP)
 
@@ -31,6 +31,27 @@ unit: setup
 
 bench: setup
 	$(PY) bench/bench_iptables.py
+
+# The agent's container image. Python packages come only from a wheelhouse built here at the
+# versions in requirements.lock; the wheelhouse is the build context, so the build itself uses
+# no package index. Without Docker Hub: scripts/make-base-image, then
+# `make image BASE_IMAGE=pykubeproxy-base:bookworm`. DOCKER_HOST picks the daemon.
+IMAGE ?= pykubeproxy:dev
+BASE_IMAGE ?= debian:bookworm-slim
+DOCKER ?= docker
+WHEELHOUSE := build/wheelhouse
+
+image: $(PY)
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip wheel -q . pip --constraint requirements.lock --wheel-dir $(WHEELHOUSE)
+	cp requirements.lock $(WHEELHOUSE)/
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(IMAGE) \
+		--file Dockerfile $(WHEELHOUSE)
+
+# Any Python with pip builds the wheelhouse (the image test passes its own as PY=...); by
+# default the project's venv, made by setup when missing.
+$(PY):
+	$(MAKE) setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,7 +18,6 @@ from pathlib import Path
 from types import FrameType
 
 from pykubeproxy import config as config_module
-from pykubeproxy import kube
 from pykubeproxy.config import ConfigError, ProxyConfig
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.iptables.backend import Applier, IptablesBackend
@@ -180,6 +179,8 @@ def run(cfg: ProxyConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from pykubeproxy import kube  # the kubernetes client is slow to import: after the handlers
+
     client = kube.api_client(cfg.kubeconfig, cfg.master)
     log.info(
         "pykubeproxy starting: mode=%s node=%s api=%s", cfg.mode, name, client.configuration.host
@@ -196,7 +197,14 @@ def run(cfg: ProxyConfig) -> int:
     return 0
 
 
+def _exit_before_start(signum: int, frame: FrameType | None) -> None:
+    """Until the agent runs, a stop request just exits (as PID 1, unhandled ones are ignored)."""
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_before_start)
+    signal.signal(signal.SIGINT, _exit_before_start)
     try:
         cfg = config_module.load(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:

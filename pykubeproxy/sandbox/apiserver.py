@@ -359,7 +359,7 @@ def _foreign_netns(sock: socket.socket) -> int | None:
     return fd
 
 
-def _listening_socket_in(
+def listening_socket_in(
     netns_fd: int | None, family: int, address: tuple[str, int]
 ) -> socket.socket:
     """Bind inside another network namespace from a throwaway thread (setns is per thread)."""
@@ -655,7 +655,7 @@ class ApiServerDouble:
         with self._lifecycle:
             if self._state != "paused":
                 raise RuntimeError(f"cannot resume a server that is {self._state}")
-            self._lsock = _listening_socket_in(self._netns_fd, self._family, self._address)
+            self._lsock = listening_socket_in(self._netns_fd, self._family, self._address)
             self._state = "running"
             self._start_accepting()
 
@@ -1123,7 +1123,9 @@ class ApiServerDouble:
         failure = self._failure
         if failure is not None:
             raise ApiError(failure[0], f"injected failure {failure[0]}", retry_after=failure[1])
-        if self._token is not None and authorization != f"Bearer {self._token}":
+        # The scheme is case-insensitive (RFC 7235); kubernetes' in-cluster loader sends "bearer".
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if self._token is not None and (scheme.lower() != "bearer" or credentials != self._token):
             raise ApiError(401, "Unauthorized")
 
     def _discovery(self, path: str) -> Obj | None:

@@ -10,13 +10,14 @@ namespace, and `close()` removes everything, rules included.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -86,11 +87,23 @@ def endpoint_slice(
 
 
 class Lab:
-    """Cluster + API double + agent; use as a context manager."""
+    """Cluster + API double + agent; use as a context manager.
 
-    def __init__(self, agent_args: tuple[str, ...] = ()) -> None:
+    ``api_tls`` and ``api_token`` make the double serve HTTPS with a throwaway CA and demand
+    that bearer token (the kubeconfig carries both), as a real API server does.
+    """
+
+    def __init__(
+        self,
+        agent_args: tuple[str, ...] = (),
+        *,
+        api_tls: bool = False,
+        api_token: str | None = None,
+    ) -> None:
         self.cluster = Cluster()
         self.agent_args = agent_args
+        self.api_tls = api_tls
+        self.api_token = api_token
         self.api: ApiServerDouble | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="pkp-lab-")
@@ -102,7 +115,7 @@ class Lab:
             self.cluster.start()
             sock = self.cluster.node.socket()
             sock.bind(("127.0.0.1", API_PORT))
-            self.api = ApiServerDouble(sock=sock).start()
+            self.api = ApiServerDouble(sock=sock, tls=self.api_tls, token=self.api_token).start()
             self.api.write_kubeconfig(self.kubeconfig)
             self.api.create("nodes", {"metadata": {"name": NODE_NAME}})
         except BaseException:
@@ -120,14 +133,26 @@ class Lab:
         assert self.api is not None
         return self.api
 
-    def start_agent(self, *extra: str) -> subprocess.Popen[bytes]:
-        """Start `python -m pykubeproxy` inside the node namespace (log in self.log_path)."""
+    def start_agent(
+        self,
+        *extra: str,
+        kubeconfig: bool = True,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start `python -m pykubeproxy` inside the node namespace (log in self.log_path).
+
+        For the in-cluster configuration: ``kubeconfig=False`` leaves out --kubeconfig, ``env``
+        adds variables (KUBERNETES_SERVICE_HOST ...), and ``wrapper`` is a command prefix that
+        ends by exec'ing its arguments, e.g. one that mounts the service-account files in a
+        mount namespace of the agent's own.
+        """
         argv = [
+            *wrapper,
             sys.executable,
             "-m",
             "pykubeproxy",
-            "--kubeconfig",
-            str(self.kubeconfig),
+            *(("--kubeconfig", str(self.kubeconfig)) if kubeconfig else ()),
             "--hostname-override",
             NODE_NAME,
             "--cluster-cidr",
@@ -138,7 +163,12 @@ class Lab:
             *extra,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.agent = self.cluster.node.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.agent = self.cluster.node.popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env is not None else None,
+        )
         log.close()
         return self.agent
 

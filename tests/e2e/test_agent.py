@@ -208,8 +208,9 @@ def test_bad_objects_are_logged_and_skipped(lab: Lab) -> None:
     lab.server.create("endpointslices", endpoint_slice("nosuch", pod_ips(lab, "web-0"), TARGET))
     started(lab)
     assert reached(lab) == {"web-0", "web-1", "web-2"}
+    orphan = "EndpointSlices of Service default/nosuch ignored"
+    lab.wait_for("the orphan slice's log line", lambda: orphan in lab.agent_log())
     log = lab.agent_log()
-    assert "EndpointSlices of Service default/nosuch ignored" in log
     assert "Service default/bad" in log and "not an IP address" in log
     assert "Service default/ports" in log and "unknown protocol" in log
     assert "EndpointSlice default/ports-x1" in log
