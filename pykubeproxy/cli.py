@@ -60,6 +60,7 @@ def setup_logging(verbosity: int) -> None:
     if verbosity < 6:
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def node_name(cfg: ProxyConfig) -> str:

@@ -36,7 +36,8 @@ def test_agent_programs_ipvs_as_services_come_and_go() -> None:
         lab.server.create("services", service("web", WEB_IP, 80, TARGET, node_port=NODE_PORT))
         lab.server.create("endpointslices", endpoint_slice("web", [p.ip for p in pods], TARGET))
         lab.start_agent()
-        lab.wait_for("the IPVS service", lambda: ipvsadm(lab).count("Masq") == 6, SLOW)
+        # ClusterIP + a NodePort on each node address (the node IP and cbr0's gateway IP)
+        lab.wait_for("the IPVS services", lambda: ipvsadm(lab).count("Masq") == 9, SLOW)
         table = ipvsadm(lab)
         assert f"TCP  {WEB_IP}:80 rr" in table
         assert f"TCP  {lab.cluster.node_ip}:{NODE_PORT} rr" in table
@@ -50,8 +51,8 @@ def test_agent_programs_ipvs_as_services_come_and_go() -> None:
         outside = spread(lambda: lab.cluster.client.tcp_request(lab.cluster.node_ip, NODE_PORT), 9)
         assert set(outside) == {"web-0", "web-1", "web-2"}
         metrics = lab.metrics()
-        assert metrics["kubeproxy_ipvs_virtual_servers"] == 2
-        assert metrics["kubeproxy_ipvs_real_servers"] == 6
+        assert metrics["kubeproxy_ipvs_virtual_servers"] == 3
+        assert metrics["kubeproxy_ipvs_real_servers"] == 9
 
         lab.server.delete("services", "default", "web")
         lab.wait_for("the IPVS services to go", lambda: WEB_IP not in ipvsadm(lab), SLOW)

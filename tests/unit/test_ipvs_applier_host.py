@@ -1,0 +1,149 @@
+"""The IPVS applier on this host: its pure parts, and harmless where the kernel has no ip_vs.
+
+The iptables-mode agent calls `IpvsApplier.cleanup()` at start to remove IPVS leftovers, so
+cleanup() and counts() must do nothing (and log nothing) on a kernel without ip_vs. They run
+in a throwaway network namespace; the rest of the applier is tested in the VM (tests/ipvs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from ipaddress import ip_address
+from pathlib import Path
+from socket import AF_INET
+
+import pytest
+from pyroute2.ipset import PortEntry
+
+from pykubeproxy.ipvs import applier as mod
+from pykubeproxy.ipvs.applier import IpvsApplier, Member, parse_member, set_sysctls
+from pykubeproxy.ipvs.state import IPSETS, IpvsState
+from pykubeproxy.sandbox.netns import NetNS
+
+ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
+NO_IPVS = not Path("/sys/module/ip_vs").exists()
+
+
+@pytest.mark.parametrize(
+    ("set_type", "text", "shown"),
+    [
+        ("hash:ip", "10.96.0.10", "10.96.0.10"),
+        ("hash:ip,port", "10.96.0.10,tcp:80", "10.96.0.10,tcp:80"),
+        ("hash:ip,port", "100.101.102.103,sctp:30001", "100.101.102.103,sctp:30001"),
+        ("hash:ip,port,ip", "10.0.1.1,tcp:80,10.0.1.1", "10.0.1.1,tcp:80,10.0.1.1"),
+        ("hash:ip,port,net", "1.2.3.4,udp:80,10.0.0.0/8", "1.2.3.4,udp:80,10.0.0.0/8"),
+        ("hash:ip,port,net", "1.2.3.4,tcp:80,10.0.0.1/32", "1.2.3.4,tcp:80,10.0.0.1"),
+        ("hash:ip,port,net", "1.2.3.4,tcp:80,10.0.0.1/8", "1.2.3.4,tcp:80,10.0.0.0/8"),
+        ("bitmap:port", "30000", "30000"),
+    ],
+)
+def test_members_print_as_ipset_lists_them(set_type: str, text: str, shown: str) -> None:
+    member = parse_member(set_type, text)
+    assert member.text() == shown
+    assert parse_member(set_type, shown) == member  # the kernel's form compares equal
+
+
+def test_member_netlink_arguments() -> None:
+    args = parse_member("hash:ip,port,net", "1.2.3.4,udp:80,10.0.0.1/32").pyroute2_args(
+        "hash:ip,port,net"
+    )
+    ip, port, net = args["entry"]
+    assert (ip, net, args["etype"], args["family"]) == (
+        "1.2.3.4",
+        "10.0.0.1/32",
+        "ip,port,net",
+        AF_INET,
+    )
+    assert isinstance(port, PortEntry) and (port.port, port.protocol) == (80, 17)
+    assert Member(port=3001).pyroute2_args("bitmap:port") == {"entry": 3001, "etype": "port"}
+
+
+@pytest.mark.parametrize(
+    ("set_type", "text"),
+    [("hash:ip", "10.0.0.1,tcp:80"), ("hash:ip,port", "10.0.0.1"), ("bitmap:port", "x"),
+     ("hash:ip,port", "10.0.0.1,icmp:80"), ("hash:ip,port,ip", "10.0.0.1,tcp:80")],
+)  # fmt: skip
+def test_bad_members_are_rejected(set_type: str, text: str) -> None:
+    with pytest.raises(ValueError, match="is not a member"):
+        parse_member(set_type, text)
+
+
+def test_create_options_are_kube_proxys() -> None:
+    options = {spec.type: mod._create_options(spec) for spec in IPSETS}
+    assert options["bitmap:port"] == {
+        "stype": "bitmap:port", "exclusive": False, "bitmap_ports_range": (0, 65535)
+    }  # fmt: skip
+    assert options["hash:ip,port"] == {
+        "stype": "hash:ip,port", "exclusive": False, "family": AF_INET, "hashsize": 1024,
+        "maxelem": 65536,
+    }  # fmt: skip
+
+
+def test_a_bad_state_fails_before_touching_the_kernel() -> None:
+    with pytest.raises(ValueError, match="not kube-proxy ipsets: KUBE-NOPE"):
+        IpvsApplier().apply(IpvsState(ipsets={"KUBE-NOPE": set()}))
+    with pytest.raises(ValueError, match="is not a member"):
+        IpvsApplier().apply(IpvsState(ipsets={"KUBE-CLUSTER-IP": {"10.0.0.1"}}))
+
+
+def test_exclude_cidrs() -> None:
+    applier = IpvsApplier(exclude_cidrs=["10.96.100.0/24"])
+    assert applier.excluded(ip_address("10.96.100.7"))
+    assert not applier.excluded(ip_address("10.96.0.10"))
+
+
+def test_set_sysctls_writes_what_differs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mod, "_kernel_version", lambda: (6, 1))  # conn_reuse_mode left as is
+    values = {"net/ipv4/vs/conntrack": "0", "net/ipv4/vs/expire_nodest_conn": "1",
+              "net/ipv4/vs/expire_quiescent_template": "0", "net/ipv4/ip_forward": "1",
+              "net/ipv4/vs/conn_reuse_mode": "1"}  # fmt: skip
+    for name, value in values.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"{value}\n")
+    with caplog.at_level(logging.INFO, logger=mod.__name__):
+        set_sysctls(strict_arp=False, proc=tmp_path)
+    assert (tmp_path / "net/ipv4/vs/conntrack").read_text() == "1\n"
+    assert (tmp_path / "net/ipv4/vs/expire_quiescent_template").read_text() == "1\n"
+    assert len(caplog.records) == 2, caplog.text
+    assert "before 0, after 1" in caplog.text
+    assert not (tmp_path / "net/ipv4/conf").exists()  # strict ARP off: untouched
+
+
+def test_set_sysctls_fails_without_ipvs_sysctls(tmp_path: Path) -> None:
+    (tmp_path / "net/ipv4").mkdir(parents=True)
+    with pytest.raises(OSError, match="net/ipv4/vs/conntrack"):
+        set_sysctls(strict_arp=True, proc=tmp_path)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    with NetNS("ipvs-host") as ns:
+        yield ns
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not ROOT, reason="needs root and iproute2")
+def test_cleanup_and_counts_are_harmless_without_ipvs(
+    netns: NetNS, caplog: pytest.LogCaptureFixture
+) -> None:
+    applier = IpvsApplier()
+    with caplog.at_level(logging.WARNING):
+        netns.run_inside(applier.cleanup, timeout=30)
+        assert netns.run_inside(applier.counts, timeout=30) == (0, 0)
+    assert caplog.records == []
+    links = str(netns.exec(["ip", "-br", "link"]).stdout).split()
+    assert links[0] == "lo" and "kube-ipvs0" not in links
+    if shutil.which("ipset"):
+        assert str(netns.exec(["ipset", "list", "-n"]).stdout) == ""
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not ROOT or not NO_IPVS, reason="needs root and a kernel without ip_vs")
+def test_check_scheduler_says_ipvs_is_missing(netns: NetNS) -> None:
+    with pytest.raises(ValueError, match="IPVS is not available in this kernel"):
+        netns.run_inside(lambda: IpvsApplier().check_scheduler("rr"), timeout=30)
