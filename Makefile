@@ -29,8 +29,10 @@ lint: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
+# iptables (in netns on this kernel), then IPVS (in one VM on Debian's kernel, ~3 min under TCG).
 bench: setup
 	$(PY) bench/bench_iptables.py
+	$(PY) bench/bench_ipvs.py
 
 # The agent's container image. Python packages come only from a wheelhouse built here at the
 # versions in requirements.lock; the wheelhouse is the build context, so the build itself uses
