@@ -202,7 +202,9 @@ class Lab:
 
     def metrics(self) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by their exposition line name."""
-        _, text = self.fetch(METRICS_URL)
+        status, text = self.fetch(METRICS_URL)
+        if status != 200:
+            return {}
         samples = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
