@@ -19,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pykubeproxy.iptables.ruleset import TableState
 from pykubeproxy.web import Response, Routes
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -132,6 +133,11 @@ class Metrics:
         self.livez = Counter(
             "kubeproxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=reg
         )
+
+    def count_rules(self, tables: list[TableState]) -> None:
+        """kubeproxy_sync_proxy_rules_iptables_total, per table, after a sync."""
+        for table in tables:
+            self.rules_total.labels(table.name).set(table.rule_count())
 
     def exposition(self) -> Response:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)

@@ -47,8 +47,7 @@ class IptablesBackend:
         nat, filt = self.renderer.render(services, endpoints, rewrite)
         mangle = TableState("mangle", chains={CANARY: []})  # kube-proxy's canary lives here too
         self.applier.apply([nat, filt, mangle])
-        for table in (nat, filt):
-            self.metrics.rules_total.labels(table.name).set(table.rule_count())
+        self.metrics.count_rules([nat, filt])
         if self._after_first_sync is not None:
             cleanup, self._after_first_sync = self._after_first_sync, None
             try:

@@ -68,5 +68,4 @@ class IpvsBackend:
         virtual, real = self.ipvs.counts()
         self.metrics.ipvs_virtual_servers.set(virtual)
         self.metrics.ipvs_real_servers.set(real)
-        for table in (nat, filt):
-            self.metrics.rules_total.labels(table.name).set(table.rule_count())
+        self.metrics.count_rules([nat, filt])
