@@ -479,7 +479,8 @@ class IpvsApplier:
         self.clock = clock
         # Kernel writes of the last apply() (and of drain() since), e.g. "add service ...".
         self.changes: list[str] = []
-        self._applied: set[VirtualServer] = set()
+        # What the last apply() that had no error made: (options, real servers) per service.
+        self._applied: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
         self._draining: dict[tuple[VirtualServer, RealServer], float] = {}  # -> deadline
         self._lock = threading.RLock()
 
@@ -502,8 +503,14 @@ class IpvsApplier:
 
     # --- apply --------------------------------------------------------------------------------
 
-    def apply(self, state: IpvsState) -> None:
-        """Make the kernel match state; raises IpvsError after applying all it could."""
+    def apply(self, state: IpvsState, full: bool = True) -> None:
+        """Make the kernel match state; raises IpvsError after applying all it could.
+
+        With `full` false (a partial sync), the real servers of a service that this
+        object made exactly as wanted last time, and that has none draining, are not
+        read back: on a large node that read is most of a sync's cost. Full syncs
+        (at start, periodically, after a failure) read everything.
+        """
         wanted_sets = _parse_sets(state)
         with self._lock, _Kernel() as kernel, _failing("IPVS sync"):
             self.changes = []
@@ -515,7 +522,16 @@ class IpvsApplier:
             claims.bound |= state.addresses  # rule (a) now, not only from the next sync on
             self._sync_sets(kernel, sets, wanted_sets, errors)
             current = kernel.services()
+            draining = {vs for vs, _ in self._draining}
             for vs, opts in sorted(state.services.items()):
+                wanted = frozenset(state.real_servers.get(vs, ()))
+                if (
+                    not full
+                    and vs in current
+                    and vs not in draining
+                    and (self._applied.get(vs) == (opts, wanted))
+                ):
+                    continue
                 try:
                     self._sync_service(kernel, vs, opts, current.get(vs), state, errors)
                 except NetlinkError as err:
@@ -525,7 +541,14 @@ class IpvsApplier:
                 if self._owned(vs, claims) and not self.excluded(vs.address):
                     self._delete_service(kernel, vs, errors)
             self._unbind(kernel, index, bound - state.addresses, errors)
-            self._applied = set(state.services)
+            self._applied = (
+                {}
+                if errors
+                else {
+                    vs: (opts, frozenset(state.real_servers.get(vs, ())))
+                    for vs, opts in state.services.items()
+                }
+            )
             if self.changes:
                 log.info("IPVS sync: %d kernel changes", len(self.changes))
             if errors:

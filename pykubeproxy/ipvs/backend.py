@@ -1,9 +1,10 @@
 """The IPVS proxy mode, as a `Backend` of the proxier.
 
-Every sync is whole, like kube-proxy's IPVS proxier: the state is small (one
-virtual server per Service IP:port, a few ipsets, a fixed list of iptables
-rules) and the IPVS applier changes only what differs. Order matters: the
-ipsets must exist before iptables rules that match them are committed.
+Every sync renders the whole state, like kube-proxy's IPVS proxier: it is small
+(one virtual server per Service IP:port, a few ipsets, a fixed list of iptables
+rules) and the IPVS applier changes only what differs; a partial sync spares it
+reading back the services that did not change. Order matters: the ipsets must
+exist before iptables rules that match them are committed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Protocol
 
 from pykubeproxy.iptables.backend import Applier
 from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
-from pykubeproxy.ipvs.state import IpvsState
+from pykubeproxy.ipvs.state import IpvsState, RealServer, VirtualServer
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import EndpointsMap, IPAddress, IPNetwork, ServicePortMap, ServicePortName
 
@@ -22,9 +23,9 @@ from pykubeproxy.model import EndpointsMap, IPAddress, IPNetwork, ServicePortMap
 class IpvsKernel(Protocol):
     """What the backend needs of the IPVS applier (pyroute2)."""
 
-    def apply(self, state: IpvsState) -> None: ...
+    def apply(self, state: IpvsState, full: bool = True) -> None: ...
     def drain(self) -> None: ...
-    def counts(self) -> tuple[int, int]: ...
+    def draining(self) -> dict[tuple[VirtualServer, RealServer], float]: ...
 
 
 class IpvsBackend:
@@ -52,7 +53,8 @@ class IpvsBackend:
         endpoints: EndpointsMap,
         rewrite: set[ServicePortName] | None,
     ) -> None:
-        """A whole sync whatever `rewrite` says: IPVS mode has no partial sync."""
+        """Render everything; on a partial sync (`rewrite` set) unchanged services are not
+        read back from the kernel."""
         addresses = frozenset(
             ip for ip in self.node_addresses() if isinstance(ip, IPv4Address) and not ip.is_loopback
         )
@@ -61,11 +63,11 @@ class IpvsBackend:
             if not self.nodeport_cidrs or any(ip in cidr for cidr in self.nodeport_cidrs)
         ))  # fmt: skip
         state = render_state(services, endpoints, self.cfg, node_ips, addresses)
-        self.ipvs.apply(state)
+        self.ipvs.apply(state, full=rewrite is None)
         nat, filt = render_tables(state, self.cfg)
         self.iptables.apply([nat, filt])
         self.ipvs.drain()
-        virtual, real = self.ipvs.counts()
-        self.metrics.ipvs_virtual_servers.set(virtual)
-        self.metrics.ipvs_real_servers.set(real)
+        self.metrics.ipvs_virtual_servers.set(len(state.services))
+        real = sum(len(servers) for servers in state.real_servers.values())
+        self.metrics.ipvs_real_servers.set(real + len(self.ipvs.draining()))
         self.metrics.count_rules([nat, filt])

@@ -60,6 +60,17 @@ def test_agent_programs_ipvs_as_services_come_and_go() -> None:
         assert metrics["kubeproxy_ipvs_virtual_servers"] == 3
         assert metrics["kubeproxy_ipvs_real_servers"] == 9
 
+        # A partial sync: only this Service's real servers change (web-2 drains at weight 0).
+        lab.server.update("endpointslices", endpoint_slice("web", [p.ip for p in pods[:2]], TARGET))
+        lab.wait_for(
+            "web-2 out of rotation",
+            lambda: (
+                set(spread(lambda: lab.cluster.client.tcp_request(WEB_IP, 80), 6))
+                == {"web-0", "web-1"}
+            ),
+            SLOW,
+        )
+
         lab.server.delete("services", "default", "web")
         lab.wait_for("the IPVS services to go", lambda: WEB_IP not in ipvsadm(lab), SLOW)
         addresses = str(lab.cluster.node.exec(["ip", "-4", "addr", "show", "kube-ipvs0"]).stdout)
