@@ -58,7 +58,7 @@ def main() -> int:
         lab.start_agent()
         lab.wait_for(
             "the agent's first sync",
-            lambda: lab.healthz()[0] == 200 and "default/web:p" in lab.nat_rules(),
+            lambda: lab.synced() and "default/web:p" in lab.nat_rules(),
         )
 
         heading("iptables-legacy-save -t nat | grep KUBE (on the node)")

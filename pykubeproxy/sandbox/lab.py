@@ -216,6 +216,10 @@ class Lab:
         status, body = self.fetch(HEALTHZ_URL)
         return status, json.loads(body) if status else {}
 
+    def synced(self) -> bool:
+        """Whether the agent has finished a sync (its last-sync timestamp is set)."""
+        return self.metrics().get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0
+
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
         """Poll `predicate` until true; fail with the agent's log tail if it never is."""
         deadline = time.monotonic() + timeout

@@ -28,10 +28,6 @@ def ipvsadm(lab: Lab) -> str:
     return str(lab.cluster.node.exec(["ipvsadm", "-Ln"]).stdout)
 
 
-def synced(lab: Lab) -> bool:
-    return lab.metrics().get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0
-
-
 def test_agent_programs_ipvs_as_services_come_and_go() -> None:
     with Lab(agent_args=("--proxy-mode", "ipvs", "--ipvs-sync-period", "5s")) as lab:
         pods = [lab.cluster.add_pod(f"web-{i}") for i in range(3)]
@@ -43,7 +39,7 @@ def test_agent_programs_ipvs_as_services_come_and_go() -> None:
         # ClusterIP + a NodePort on each node address (the node IP and cbr0's gateway IP)
         lab.wait_for("the IPVS services", lambda: ipvsadm(lab).count("Masq") == 9, SLOW)
         # ...and the end of that sync: the iptables half (hairpin masquerade) comes after IPVS.
-        lab.wait_for("the first whole sync", lambda: synced(lab), SLOW)
+        lab.wait_for("the first whole sync", lab.synced, SLOW)
         table = ipvsadm(lab)
         assert f"TCP  {WEB_IP}:80 rr" in table
         assert f"TCP  {lab.cluster.node_ip}:{NODE_PORT} rr" in table
