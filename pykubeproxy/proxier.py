@@ -198,8 +198,9 @@ class Proxier:
     def _report_orphans(self, changed: set[NamespacedName]) -> None:
         """Log, once, endpoints whose Service does not exist (or is not proxied)."""
         known = {name.service for name in self.services.service_map}
+        served = {name.service for name in self.endpoints.endpoints_map}
         for service in changed:
-            has_endpoints = any(n.service == service for n in self.endpoints.endpoints_map)
+            has_endpoints = service in served
             if has_endpoints and service not in known and service not in self._orphans:
                 log.info("EndpointSlices of Service %s ignored: no such proxied Service", service)
                 self._orphans.add(service)
