@@ -93,13 +93,18 @@ def test_no_sync_until_services_and_slices_are_listed(setup: Any) -> None:
     assert len(applier.calls) == 1 and not nat(applier.calls[0]).kept
 
 
-def test_partial_then_periodic_full(setup: Any) -> None:
-    proxier, applier, _, clock = setup
+def two_services_synced(proxier: Proxier) -> None:
+    """Both kinds listed, web and api present, one full sync done."""
     proxier.on_synced("Service")
     proxier.on_synced("EndpointSlice")
     add_web(proxier, "web")
     add_web(proxier, "api", "10.96.0.11")
     proxier.sync()
+
+
+def test_partial_then_periodic_full(setup: Any) -> None:
+    proxier, applier, _, clock = setup
+    two_services_synced(proxier)
     clock.now = 5
     proxier.on_endpoint_slice(
         "ns/web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.3"], [o.port("http", 8080)])
@@ -118,11 +123,7 @@ def test_partial_then_periodic_full(setup: Any) -> None:
 
 def test_missing_kept_chain_falls_back_to_full(setup: Any) -> None:
     proxier, applier, _, clock = setup
-    proxier.on_synced("Service")
-    proxier.on_synced("EndpointSlice")
-    add_web(proxier, "web")
-    add_web(proxier, "api", "10.96.0.11")
-    proxier.sync()
+    two_services_synced(proxier)
     clock.now = 5
     add_web(proxier, "db", "10.96.0.12")
     applier.fail_with = [KeptChainMissing("flushed")]
