@@ -80,7 +80,8 @@ class EndpointsChangeTracker:
     endpoints_map: EndpointsMap = field(default_factory=dict)
     _slices: dict[NamespacedName, dict[str, EndpointSliceInfo]] = field(default_factory=dict)
     _applied: dict[NamespacedName, EndpointsMap] = field(default_factory=dict)
-    _dirty: set[NamespacedName] = field(default_factory=set)
+    # Services whose merged endpoints differ from the applied ones, with those endpoints.
+    _dirty: dict[NamespacedName, EndpointsMap] = field(default_factory=dict)
     _trigger_times: dict[NamespacedName, list[datetime]] = field(default_factory=dict)
 
     def update(self, service: NamespacedName, slice_name: str, obj: Any | None) -> bool:
@@ -95,11 +96,12 @@ class EndpointsChangeTracker:
                 self._trigger_times.setdefault(service, []).append(info.trigger_time)
         if not slices:
             del self._slices[service]
-        if self._merged(service) == self._applied.get(service, {}):
-            self._dirty.discard(service)
+        merged = self._merged(service)
+        if merged == self._applied.get(service, {}):
+            self._dirty.pop(service, None)
             self._trigger_times.pop(service, None)
         else:
-            self._dirty.add(service)
+            self._dirty[service] = merged
         return bool(self._dirty)
 
     def pending(self) -> int:
@@ -123,11 +125,10 @@ class EndpointsChangeTracker:
     def apply(self) -> EndpointsUpdate:
         """Make pending changes current; say what changed, for syncs and conntrack cleanup."""
         update = EndpointsUpdate(changed=set(self._dirty))
-        for service in update.changed:
+        for service, merged in self._dirty.items():
             before = self._applied.pop(service, {})
             for port_name in before:
                 del self.endpoints_map[port_name]
-            merged = self._merged(service)
             if merged:
                 self._applied[service] = merged
                 self.endpoints_map.update(merged)

@@ -157,6 +157,7 @@ class Proxier:
             try:
                 self._apply(full, changed)
             except KeptChainMissing as err:
+                self.metrics.partial_restore_failures.inc()
                 log.warning("partial sync not possible (%s); doing a full sync", err)
                 full = True
                 self._apply(full, changed)

@@ -129,6 +129,8 @@ def test_missing_kept_chain_falls_back_to_full(setup: Any) -> None:
     applier.fail_with = [KeptChainMissing("flushed")]
     proxier.sync()
     assert nat(applier.calls[-2]).kept and not nat(applier.calls[-1]).kept
+    failures = "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+    assert sample(proxier, failures) == 1
 
 
 def test_failed_sync_retries_with_backoff_and_a_full_sync(setup: Any) -> None:
