@@ -1,64 +1,207 @@
-"""Forget conntrack flows that would keep UDP/SCTP traffic on the wrong endpoint.
+"""Delete the conntrack flows that keep UDP Service traffic on endpoints that no longer serve.
 
-A UDP "connection" lives in conntrack as long as packets keep coming, so a
-client that keeps its source port keeps reaching a removed endpoint (or, for a
-Service that had no endpoints, keeps being dropped) long after the rules
-changed. As kube-proxy does, flows to removed endpoints are deleted after each
-sync, and so are flows to Services that just got their first endpoint. TCP is
-left alone: its connections end on their own, and DNAT applies to new ones.
+UDP has no teardown: conntrack keeps a flow, and the DNAT chosen for its first packet, for as
+long as packets keep coming. A client that keeps its source port therefore keeps reaching a
+removed endpoint, or, if its flow was created while the Service had no endpoints, keeps
+reaching nothing, long after the rules changed. As kube-proxy does (pkg/proxy/conntrack,
+``CleanStaleEntries`` in cleanup.go), the agent reconciles the kernel's table with the current
+Services after a sync, rather than computing deletions from what changed: one netlink dump of
+the address family, a pure filter in memory (`stale_flows`), one netlink delete per flow it
+picks. Working from state, a flow missed once (failed sync, restart) is found the next time.
+
+The rules are upstream's, in its version that compares endpoint IP *and* port:
+
+- only UDP Service ports are considered (TCP and SCTP connections end on their own);
+- a Service port without any serving endpoint is skipped, so a Service that lost its
+  endpoints, or whose endpoints a restarted agent has not seen yet, loses no flow;
+- an endpoint counts when its ``serving`` condition is true, whatever ``ready`` and
+  ``terminating`` say, and traffic policies and topology play no part: an existing flow
+  should survive a change of the Service the way a TCP connection would;
+- a flow is stale when its original destination is a frontend of such a port (ClusterIP,
+  external IP or load-balancer IP, with the Service port) or its original destination port
+  is the NodePort (any destination address), and its reply source IP:port is none of the
+  serving endpoints. A flow that was never DNATed replies from the frontend itself, so it
+  is stale as soon as the Service has an endpoint.
+
+The netlink socket is opened and closed by each `ConntrackReconciler.reconcile` call, in the
+calling thread: conntrack tables are per network namespace, and so is the flow list read.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import subprocess
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
 
-from pykubeproxy.changes import EndpointsUpdate
-from pykubeproxy.model import Protocol, ServicePort, ServicePortMap
+from pyroute2 import NFCTSocket
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from pykubeproxy.model import EndpointsMap, IPAddress, Protocol, ServicePortMap, ServicePortName
 
 log = logging.getLogger(__name__)
 
-Argv = list[str]
+# The protocols whose Service flows are reconciled (upstream: UDP only).
+RECONCILED_PROTOCOLS = frozenset({Protocol.UDP})
+_PROTOCOL_NUMBERS = {
+    Protocol.TCP: socket.IPPROTO_TCP,
+    Protocol.UDP: socket.IPPROTO_UDP,
+    Protocol.SCTP: socket.IPPROTO_SCTP,
+}
+_ADDRESS_ATTRS = {
+    socket.AF_INET: ("CTA_IP_V4_SRC", "CTA_IP_V4_DST"),
+    socket.AF_INET6: ("CTA_IP_V6_SRC", "CTA_IP_V6_DST"),
+}
+
+Backend = tuple[IPAddress, int]
 
 
-def _destinations(svc: ServicePort) -> list[Argv]:
-    """conntrack matches for every way the Service port is reached."""
-    proto = ["-p", svc.protocol.value]
-    matches = [
-        [*proto, "--orig-dst", str(ip), "--orig-port-dst", str(svc.port)]
-        for ip in (svc.cluster_ip, *svc.external_ips, *svc.load_balancer_ips)
-    ]
-    if svc.node_port:
-        matches.append([*proto, "--orig-port-dst", str(svc.node_port)])
-    return matches
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry, reduced to what the rules look at and what a delete needs."""
+
+    protocol: Protocol
+    orig_src: IPAddress
+    orig_src_port: int
+    orig_dst: IPAddress
+    orig_dst_port: int
+    reply_src: IPAddress
+    reply_src_port: int
+    zone: int = 0
+    # The kernel's id of the entry: a delete naming it removes that entry and no later one.
+    kernel_id: int | None = None
 
 
-def stale_flows(update: EndpointsUpdate, services: ServicePortMap) -> list[Argv]:
-    """The `conntrack -D` arguments that a sync's endpoint changes call for (pure)."""
-    commands: list[Argv] = []
-    for name in sorted(update.stale_endpoints.keys() | update.newly_served, key=str):
-        svc = services.get(name)
-        if svc is None or svc.protocol is Protocol.TCP:
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What one reconcile did, for kube-proxy's conntrack reconciler metrics."""
+
+    deleted: int
+    seconds: float
+    # False when the table could not be read (nothing was deleted); upstream then records
+    # no reconcile duration.
+    table_read: bool = True
+
+
+def reconcile_needed(changed_ports: Iterable[ServicePortName]) -> bool:
+    """Whether endpoint changes of these Service ports call for a reconcile.
+
+    Upstream reconciles only after a sync in which a Service with a UDP port (before or after
+    the change) got different endpoints (``ConntrackCleanupRequired`` of
+    ``EndpointsMap.Update``, pkg/proxy/endpointschangetracker.go): the dump costs as much as
+    the table is large.
+    """
+    return any(name.protocol in RECONCILED_PROTOCOLS for name in changed_ports)
+
+
+def stale_flows(
+    services: ServicePortMap, endpoints: EndpointsMap, flows: Iterable[Flow]
+) -> list[Flow]:
+    """The flows to delete: those kube-proxy's rules (see the module docstring) call stale."""
+    by_frontend: dict[tuple[Protocol, IPAddress, int], frozenset[Backend]] = {}
+    by_node_port: dict[tuple[Protocol, int], frozenset[Backend]] = {}
+    for name, svc in services.items():
+        if svc.protocol not in RECONCILED_PROTOCOLS:
             continue
-        for match in _destinations(svc):
-            if name in update.newly_served:
-                commands.append(["-D", *match])
-            commands.extend(
-                ["-D", *match, "--dst-nat", str(ip)]
-                for ip in sorted(update.stale_endpoints.get(name, ()), key=str)
+        serving = frozenset((ep.ip, ep.port) for ep in endpoints.get(name, ()) if ep.serving)
+        if not serving:
+            continue
+        for ip in (svc.cluster_ip, *svc.load_balancer_ips, *svc.external_ips):
+            by_frontend[svc.protocol, ip, svc.port] = serving
+        if svc.node_port:
+            by_node_port[svc.protocol, svc.node_port] = serving
+
+    def is_stale(flow: Flow) -> bool:
+        backend = (flow.reply_src, flow.reply_src_port)
+        return any(
+            serving is not None and backend not in serving
+            for serving in (
+                by_frontend.get((flow.protocol, flow.orig_dst, flow.orig_dst_port)),
+                by_node_port.get((flow.protocol, flow.orig_dst_port)),
             )
-    return commands
+        )
+
+    return [flow for flow in flows if is_stale(flow)]
 
 
-def delete_flows(commands: list[Argv]) -> None:
-    """Run `conntrack -D` for each; "no such flow" is the normal case, not an error."""
-    for argv in commands:
+class ConntrackReconciler:
+    """Reads the conntrack table over netlink and deletes the flows `stale_flows` picks."""
+
+    def __init__(self, family: socket.AddressFamily = socket.AF_INET) -> None:
+        self.family = family
+
+    def reconcile(self, services: ServicePortMap, endpoints: EndpointsMap) -> ReconcileResult:
+        """Delete the stale flows of the calling thread's namespace; never raises.
+
+        Without nf_conntrack_netlink, or without CAP_NET_ADMIN, this logs one warning and
+        deletes nothing: stale flows then only age out.
+        """
+        started = time.monotonic()
         try:
-            done = subprocess.run(
-                ["conntrack", *argv], capture_output=True, text=True, timeout=10, check=False
+            with NFCTSocket(nfgen_family=self.family) as nfct:
+                stale = stale_flows(services, endpoints, self._dump(nfct))
+                deleted = self._delete(nfct, stale)
+        except Exception as err:  # a reconcile problem must never fail the sync loop
+            log.warning("cannot reconcile conntrack flows: %s: %s", type(err).__name__, err)
+            return ReconcileResult(0, time.monotonic() - started, table_read=False)
+        seconds = time.monotonic() - started
+        log.debug("conntrack reconcile: %d stale flows deleted in %.3fs", deleted, seconds)
+        return ReconcileResult(deleted, seconds)
+
+    def _dump(self, nfct: Any) -> Iterator[Flow]:
+        """The flows of the reconciled protocols, parsed from one dump of the family."""
+        src_attr, dst_attr = _ADDRESS_ATTRS[self.family]
+        wanted = {_PROTOCOL_NUMBERS[p]: p for p in RECONCILED_PROTOCOLS}
+        for msg in nfct.dump():
+            orig, reply = msg.get_attr("CTA_TUPLE_ORIG"), msg.get_attr("CTA_TUPLE_REPLY")
+            orig_ports = orig.get_attr("CTA_TUPLE_PROTO")
+            protocol = wanted.get(orig_ports.get_attr("CTA_PROTO_NUM"))
+            if protocol is None:
+                continue
+            orig_ips, reply_ips = orig.get_attr("CTA_TUPLE_IP"), reply.get_attr("CTA_TUPLE_IP")
+            reply_ports = reply.get_attr("CTA_TUPLE_PROTO")
+            yield Flow(
+                protocol=protocol,
+                orig_src=ip_address(orig_ips.get_attr(src_attr)),
+                orig_src_port=orig_ports.get_attr("CTA_PROTO_SRC_PORT"),
+                orig_dst=ip_address(orig_ips.get_attr(dst_attr)),
+                orig_dst_port=orig_ports.get_attr("CTA_PROTO_DST_PORT"),
+                reply_src=ip_address(reply_ips.get_attr(src_attr)),
+                reply_src_port=reply_ports.get_attr("CTA_PROTO_SRC_PORT"),
+                zone=msg.get_attr("CTA_ZONE") or 0,
+                kernel_id=msg.get_attr("CTA_ID"),
             )
-        except (OSError, subprocess.TimeoutExpired) as err:
-            log.warning("cannot clear conntrack entries (%s): %s", " ".join(argv), err)
-            return
-        if done.returncode not in (0, 1):
-            log.warning("conntrack %s failed: %s", " ".join(argv), done.stderr.strip())
+
+    def _delete(self, nfct: Any, flows: list[Flow]) -> int:
+        """Delete each flow; one that expired meanwhile is not an error. Returns the count."""
+        deleted = 0
+        failures: list[NetlinkError] = []
+        for flow in flows:
+            orig = NFCTAttrTuple(
+                family=self.family,
+                saddr=str(flow.orig_src),
+                daddr=str(flow.orig_dst),
+                proto=_PROTOCOL_NUMBERS[flow.protocol],
+                sport=flow.orig_src_port,
+                dport=flow.orig_dst_port,
+            )
+            try:
+                nfct.entry("del", tuple_orig=orig, id=flow.kernel_id, zone=flow.zone or None)
+            except NetlinkError as err:
+                if err.code != errno.ENOENT:
+                    failures.append(err)
+                continue
+            log.debug("deleted stale conntrack flow %s", flow)
+            deleted += 1
+        if failures:
+            log.warning(
+                "could not delete %d stale conntrack flows (first error: %s)",
+                len(failures),
+                failures[0],
+            )
+        return deleted
