@@ -33,7 +33,7 @@ from typing import Any
 
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.iptables.encoder import EntryEncoder
-from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.iptables.render import LocalDetector, RenderConfig, Renderer, sample_rules
 from pykubeproxy.iptables.ruleset import Argv, TableState, restore_text
 from pykubeproxy.model import (
     Endpoint,
@@ -46,7 +46,7 @@ from pykubeproxy.model import (
 )
 
 ENDPOINTS = 5
-CONFIG = RenderConfig(cluster_cidr=(ip_network("10.244.0.0/16"),))
+CONFIG = RenderConfig(local_detector=LocalDetector.by_cidr(ip_network("10.244.0.0/16")))
 WORDS = ("api", "web", "auth", "cart", "search", "billing", "media", "mail", "queue", "cache")
 
 
@@ -103,14 +103,14 @@ def worker(size: int, fast: bool, outdir: Path) -> dict[str, Any]:
     """The python-iptables cases for one size; also writes the restore reference files."""
     services, endpoints = cluster(size)
     out: dict[str, Any] = {}
-    out["render"], tables = timed(lambda: list(Renderer(CONFIG).render(services, endpoints)))
+    out["render"], tables = timed(lambda: Renderer(CONFIG).render(services, endpoints).tables)
     out["rules"] = written(tables)
     del tables  # the agent holds one rendering, not two
 
-    applier = IptcApplier(str(outdir / "xtables.lock"), fast=fast)
+    applier = IptcApplier(str(outdir / "xtables.lock"), samples=sample_rules if fast else None)
     renderer = Renderer(CONFIG)
     start = time.perf_counter()
-    full = list(renderer.render(services, endpoints))
+    full = renderer.render(services, endpoints).tables
     out["rss_rendered"] = rss_mib()[1]
     applier.apply(full)
     out["cold"] = time.perf_counter() - start
@@ -119,19 +119,19 @@ def worker(size: int, fast: bool, outdir: Path) -> dict[str, Any]:
         return out
     assert applier.encoder is not None
     out["fallbacks"] = applier.encoder.fallbacks
-    out["warm"], _ = timed(lambda: applier.apply(list(renderer.render(services, endpoints))))
+    out["warm"], _ = timed(lambda: applier.apply(renderer.render(services, endpoints).tables))
 
     changed = sorted(services, key=str)[size // 2]
     old = endpoints[changed]
     moved = Endpoint(IPv4Address(int(old[0].ip) + 0x100000), old[0].port)  # a new pod IP
     endpoints = {**endpoints, changed: (moved, *old[1:])}
     start = time.perf_counter()
-    partial = list(renderer.render(services, endpoints, rewrite={changed}))
+    partial = renderer.render(services, endpoints, rewrite={changed}).tables
     applier.apply(partial)
     out["partial"] = time.perf_counter() - start
     out["partial_rules"] = written(partial)
 
-    out["self_check"], encoder = timed(EntryEncoder)
+    out["self_check"], encoder = timed(lambda: EntryEncoder(sample_rules()))
     rules = distinct_rules(full)
     encode_time, _ = timed(lambda: [encoder.encode(argv) for argv in rules])
     out["encode_us"] = encode_time / len(rules) * 1e6

@@ -20,11 +20,9 @@ from pykubeproxy.convert import EndpointSliceInfo, Family, endpoint_slice, servi
 from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
-    IPAddress,
     NamespacedName,
     ServicePortMap,
     ServicePortName,
-    usable_endpoints,
 )
 
 
@@ -66,10 +64,8 @@ class EndpointsUpdate:
 
     changed: set[NamespacedName]
     trigger_times: list[datetime] = field(default_factory=list)
-    # Endpoint IPs no longer used by a port: their conntrack entries are stale.
-    stale_endpoints: dict[ServicePortName, set[IPAddress]] = field(default_factory=dict)
-    # Ports that had no usable endpoint before: flows cached while they had none are stale.
-    newly_served: set[ServicePortName] = field(default_factory=set)
+    # Every port, before or after, of the Services whose endpoints changed.
+    changed_ports: set[ServicePortName] = field(default_factory=set)
 
 
 @dataclass
@@ -115,7 +111,9 @@ class EndpointsChangeTracker:
                 known = by_port.setdefault(port_name, {})
                 for endpoint in info.endpoints:
                     endpoint = dataclasses.replace(endpoint, port=port.port)
-                    if endpoint.address not in known or endpoint.ready:
+                    # The same address in two slices: a pod that reuses a terminating
+                    # pod's IP wins over it (upstream's EndpointSliceCache.addEndpoints).
+                    if endpoint.address not in known or not endpoint.terminating:
                         known[endpoint.address] = endpoint
         return {
             name: tuple(endpoints[address] for address in sorted(endpoints))
@@ -132,13 +130,7 @@ class EndpointsChangeTracker:
             if merged:
                 self._applied[service] = merged
                 self.endpoints_map.update(merged)
-            for port_name in before.keys() | merged.keys():
-                old = {ep.ip for ep in usable_endpoints(before.get(port_name, ()))}
-                new = {ep.ip for ep in usable_endpoints(merged.get(port_name, ()))}
-                if old - new:
-                    update.stale_endpoints[port_name] = old - new
-                if new and not old:
-                    update.newly_served.add(port_name)
+            update.changed_ports |= before.keys() | merged.keys()
             update.trigger_times += self._trigger_times.pop(service, [])
         self._dirty.clear()
         return update

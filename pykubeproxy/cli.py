@@ -13,22 +13,25 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 
 from pykubeproxy import config as config_module
+from pykubeproxy.backend import Backend
 from pykubeproxy.config import ConfigError, ProxyConfig
 from pykubeproxy.health import ProxyHealth
+from pykubeproxy.healthcheck import ServiceHealthServer
 from pykubeproxy.iptables.backend import Applier, IptablesBackend
-from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.iptables.render import LocalDetector, RenderConfig, Renderer, sample_rules
 from pykubeproxy.ipvs.backend import IpvsBackend
 from pykubeproxy.ipvs.render import IpvsConfig
 from pykubeproxy.ipvs.state import DUMMY_DEVICE
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import IPAddress, IPNetwork
+from pykubeproxy.model import IPNetwork
 from pykubeproxy.nodeinfo import local_addresses, sysctl_read, sysctl_write
-from pykubeproxy.proxier import Backend, Proxier
+from pykubeproxy.proxier import Proxier
 from pykubeproxy.runner import BoundedFrequencyRunner
 from pykubeproxy.web import serve
 
@@ -67,17 +70,30 @@ def node_name(cfg: ProxyConfig) -> str:
     return (cfg.hostname_override or socket.gethostname()).strip().lower()
 
 
-def nodeport_ips(cfg: ProxyConfig) -> tuple[IPAddress, ...] | None:
-    """None for "every local address", else the node IPs inside --nodeport-addresses."""
-    cidrs = cfg.nodeport_cidrs()
-    if not cidrs or any(c.prefixlen == 0 for c in cidrs):
+def localhost_nodeports(cfg: ProxyConfig) -> bool:
+    """--iptables-localhost-nodeports, off when --nodeport-addresses leaves out 127.0.0.1."""
+    cidrs = ipv4_cidrs(cfg.nodeport_cidrs())
+    loopback = IPv4Address("127.0.0.1")
+    return cfg.localhost_nodeports and (not cidrs or any(loopback in c for c in cidrs))
+
+
+def nodeport_ips_of(cfg: ProxyConfig) -> Callable[[], list[str]] | None:
+    """The node addresses health-check ports listen on; None for every address."""
+    cidrs = nodeport_cidrs(cfg)
+    if not cidrs:
         return None
-    return tuple(ip for ip in local_addresses() if any(ip in c for c in cidrs))
+    return lambda: [str(ip) for ip in local_addresses() if any(ip in c for c in cidrs)]
+
+
+def nodeport_cidrs(cfg: ProxyConfig) -> tuple[IPNetwork, ...]:
+    """The IPv4 CIDRs NodePorts are limited to; none (every address) when one is 0.0.0.0/0."""
+    cidrs = ipv4_cidrs(cfg.nodeport_cidrs())
+    return () if any(c.prefixlen == 0 for c in cidrs) else cidrs
 
 
 def prepare_node(cfg: ProxyConfig) -> None:
     """kube-proxy's sysctls and checks for iptables mode, each logged."""
-    if cfg.localhost_nodeports:
+    if localhost_nodeports(cfg):
         sysctl_write("net/ipv4/conf/all/route_localnet", "1")
     if sysctl_read("net/bridge/bridge-nf-call-iptables") == "0":
         log.warning(
@@ -100,16 +116,27 @@ def remove_ipvs_leftovers() -> None:
 
 def iptables_backend(cfg: ProxyConfig, iptables: Applier, metrics: Metrics) -> Backend:
     prepare_node(cfg)
+    cluster_cidr = ipv4_cidrs(cfg.cluster_cidrs())
+    liberal = sysctl_read("net/netfilter/nf_conntrack_tcp_be_liberal") not in (None, "0")
+    if liberal:
+        log.info("nf_conntrack_tcp_be_liberal is set: no DROP rule for INVALID packets")
     renderer = Renderer(
         RenderConfig(
-            cluster_cidr=ipv4_cidrs(cfg.cluster_cidrs()),
+            local_detector=LocalDetector.by_cidr(cluster_cidr[0]) if cluster_cidr else None,
             masquerade_all=cfg.masquerade_all,
             masquerade_bit=cfg.masquerade_bit,
-            nodeport_ips=nodeport_ips(cfg),
-            localhost_nodeports=cfg.localhost_nodeports,
+            localhost_nodeports=localhost_nodeports(cfg),
+            conntrack_tcp_liberal=liberal,
         )
     )
-    return IptablesBackend(renderer, iptables, metrics, after_first_sync=remove_ipvs_leftovers)
+    return IptablesBackend(
+        renderer,
+        iptables,
+        metrics,
+        after_first_sync=remove_ipvs_leftovers,
+        nodeport_cidrs=nodeport_cidrs(cfg),
+        node_addresses=local_addresses,
+    )
 
 
 def ipvs_backend(cfg: ProxyConfig, iptables: Applier, metrics: Metrics, node: str) -> Backend:
@@ -141,7 +168,7 @@ def ipvs_backend(cfg: ProxyConfig, iptables: Applier, metrics: Metrics, node: st
 def run(cfg: ProxyConfig) -> int:
     from pykubeproxy.iptables import applier as iptables_applier
 
-    iptables = iptables_applier.IptcApplier()
+    iptables = iptables_applier.IptcApplier(samples=sample_rules)
     if cfg.cleanup:
         iptables.cleanup()
         remove_ipvs_leftovers()
@@ -163,7 +190,18 @@ def run(cfg: ProxyConfig) -> int:
         backend = ipvs_backend(cfg, iptables, metrics, name)
     else:
         backend = iptables_backend(cfg, iptables, metrics)
-    proxier = Proxier(backend, metrics, health, sync_period, min_sync_period)
+    health_checks = ServiceHealthServer(
+        node_ips=nodeport_ips_of(cfg), proxy_healthy=lambda: health.is_healthy()[0]
+    )
+    proxier = Proxier(
+        backend,
+        metrics,
+        health,
+        sync_period,
+        min_sync_period,
+        name,
+        health_checks=health_checks,
+    )
     runner = BoundedFrequencyRunner(proxier.sync, min_sync_period, sync_period)
     proxier.runner = runner
 

@@ -116,7 +116,12 @@ class ProxyConfig:
             raise ConfigError(
                 f"--{self.mode}-min-sync-period must not exceed --{self.mode}-sync-period"
             )
-        self.cluster_cidrs()
+        cluster = self.cluster_cidrs()
+        if len(cluster) > 2 or len({c.version for c in cluster}) < len(cluster):
+            # Upstream's validation: one CIDR, or a dual-stack pair (one per family).
+            raise ConfigError(
+                f"--cluster-cidr {self.cluster_cidr!r}: at most one CIDR per IP family"
+            )
         self.nodeport_cidrs()
         self.exclude_cidrs()
         for flag, value in (

@@ -20,6 +20,7 @@ from pykubeproxy.model import (
     IPAddress,
     IPNetwork,
     NamespacedName,
+    NodeFacts,
     Protocol,
     ServicePort,
     ServicePortMap,
@@ -78,11 +79,28 @@ def _protocol(value: Any) -> Protocol:
         raise Invalid(f"unknown protocol {value!r}") from None
 
 
+def parse_ip_sloppy(text: str) -> IPAddress:
+    """An address as kube-proxy parses it: IPv4 octets may carry leading zeros.
+
+    Objects written before the API server validated addresses strictly can hold
+    spellings like ``010.001.002.003``; upstream (k8s.io/utils/net ParseIPSloppy)
+    reads each octet as decimal, so ``010`` is 10, never octal 8. Raises ValueError.
+    """
+    text = text.strip()
+    try:
+        return ip_address(text)
+    except ValueError:
+        octets = text.split(".")
+        if len(octets) != 4 or not all(o.isdigit() and len(o) <= 3 for o in octets):
+            raise
+        return ip_address(".".join(str(int(o)) for o in octets))
+
+
 def _ip(value: Any, what: str) -> IPAddress:
     if not isinstance(value, str):
         raise Invalid(f"{what} {value!r} is not a string")
     try:
-        return ip_address(value.strip())
+        return parse_ip_sloppy(value)
     except ValueError:
         raise Invalid(f"{what} {value!r} is not an IP address") from None
 
@@ -172,17 +190,19 @@ def _service_ports(obj: Any, family: Family, owner: str) -> ServicePortMap:
         _mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
         "status.loadBalancer.ingress",
     )
-    lb_ips = (
-        same_family(
-            _each_valid(
-                [i for i in lb_ingress if isinstance(i, Mapping) and i.get("ip")],
-                lambda i: _ip(i["ip"], "ingress IP"),
-                "status.loadBalancer.ingress",
-                owner,
-            )
+    # An ingress in ipMode Proxy is a load balancer that proxies to the NodePorts
+    # itself: kube-proxy programs nothing for its address (pkg/proxy/service.go).
+    lb_ips = same_family(
+        _each_valid(
+            [
+                i
+                for i in lb_ingress
+                if isinstance(i, Mapping) and i.get("ip") and i.get("ipMode") != "Proxy"
+            ],
+            lambda i: _ip(i["ip"], "ingress IP"),
+            "status.loadBalancer.ingress",
+            owner,
         )
-        if is_load_balancer
-        else ()
     )
     source_ranges = tuple(
         r
@@ -209,11 +229,13 @@ def _service_ports(obj: Any, family: Family, owner: str) -> ServicePortMap:
     external_local = spec.get("externalTrafficPolicy") == "Local" and (
         spec.get("type") in ("NodePort", "LoadBalancer") or bool(external_ips)
     )
-    health_check_port = (
-        _port(spec.get("healthCheckNodePort"), "spec.healthCheckNodePort", allow_zero=True)
-        if external_local and is_load_balancer
-        else 0
-    )
+    health_check_port = 0
+    if external_local and is_load_balancer:
+        health_check_port = _port(
+            spec.get("healthCheckNodePort"), "spec.healthCheckNodePort", allow_zero=True
+        )
+        if not health_check_port:
+            log.warning("%s: externalTrafficPolicy Local but no healthCheckNodePort", owner)
 
     def parse_port(raw: Any) -> ServicePort:
         port = _mapping(raw, "port")
@@ -313,22 +335,25 @@ def _endpoint_slice(obj: Any, family: Family, owner: str) -> EndpointSliceInfo |
         if not isinstance(ip, family):
             raise Invalid(f"address {ip} is not {wanted}")
         conditions = _mapping(endpoint.get("conditions"), "conditions")
-        ready = conditions.get("ready")
-        serving = conditions.get("serving")
         hints = _mapping(endpoint.get("hints"), "hints")
-        zones = tuple(
-            z.get("name", "")
-            for z in _list(hints.get("forZones"), "hints.forZones")
-            if isinstance(z, Mapping)
-        )
+
+        def hint_names(key: str) -> frozenset[str]:
+            return frozenset(
+                h["name"]
+                for h in _list(hints.get(key), f"hints.{key}")
+                if isinstance(h, Mapping) and isinstance(h.get("name"), str)
+            )
+
+        # Unset ready/serving mean true and unset terminating means false (API defaults).
         return Endpoint(
             ip=ip,
             port=0,
-            ready=ready is not False,
-            serving=serving is not False if serving is not None else ready is not False,
+            ready=conditions.get("ready") is not False,
+            serving=conditions.get("serving") is not False,
             terminating=conditions.get("terminating") is True,
             node_name=_string(endpoint.get("nodeName"), "nodeName") or None,
-            zone_hints=zones,
+            zone_hints=hint_names("forZones"),
+            node_hints=hint_names("forNodes"),
         )
 
     ports = tuple(_each_valid(_list(obj.get("ports"), "ports"), parse_port, "ports", owner))
@@ -353,3 +378,29 @@ def node_is_deleting(obj: Any) -> bool:
     """Whether the Node carries a deletionTimestamp (kube-proxy's nodeEligible)."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     return isinstance(meta, Mapping) and bool(meta.get("deletionTimestamp"))
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def node_facts(obj: Any, name: str) -> NodeFacts:
+    """The zone label and primary IP of this node's Node object (kube-proxy's view).
+
+    The primary IP is the first InternalIP, else the first ExternalIP, as
+    upstream picks it; a Node without either, or no Node at all, has none.
+    """
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    zone = labels.get(ZONE_LABEL) if isinstance(labels, Mapping) else None
+    status = obj.get("status") if isinstance(obj, Mapping) else None
+    addresses = status.get("addresses") if isinstance(status, Mapping) else None
+    found: dict[str, IPAddress] = {}
+    for address in addresses if isinstance(addresses, list) else []:
+        if not isinstance(address, Mapping) or address.get("type") in found:
+            continue
+        try:
+            found[str(address.get("type"))] = _ip(address.get("address"), "node address")
+        except Invalid as err:
+            log.warning("Node %s: ignoring status.addresses entry: %s", name, err)
+    ip = found.get("InternalIP") or found.get("ExternalIP")
+    return NodeFacts(name, zone if isinstance(zone, str) else "", ip)

@@ -19,7 +19,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-from pykubeproxy.iptables.ruleset import TableState
 from pykubeproxy.web import Response, Routes
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -117,6 +116,12 @@ class Metrics:
             "Cumulative proxy iptables partial restore failures",
             registry=reg,
         )
+        self.no_local_endpoints = Gauge(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            ["traffic_policy"],
+            registry=reg,
+        )
         self.ipvs_virtual_servers = Gauge(
             "kubeproxy_ipvs_virtual_servers",
             "IPVS virtual servers programmed by the agent (ipvs mode)",
@@ -134,10 +139,15 @@ class Metrics:
             "kubeproxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=reg
         )
 
-    def count_rules(self, tables: list[TableState]) -> None:
+    def count_rules(self, per_table: dict[str, int]) -> None:
         """kubeproxy_sync_proxy_rules_iptables_total, per table, after a sync."""
-        for table in tables:
-            self.rules_total.labels(table.name).set(table.rule_count())
+        for table, count in per_table.items():
+            self.rules_total.labels(table).set(count)
+
+    def set_no_local_endpoints(self, per_policy: dict[str, int]) -> None:
+        """Services with a Local traffic policy and no endpoint on this node, per policy."""
+        for policy, count in per_policy.items():
+            self.no_local_endpoints.labels(policy).set(count)
 
     def exposition(self) -> Response:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)

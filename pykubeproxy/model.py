@@ -11,7 +11,7 @@ Service, filtered to the port.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 IPAddress = IPv4Address | IPv6Address
@@ -73,6 +73,20 @@ class ServicePort:
     def externally_accessible(self) -> bool:
         return bool(self.node_port or self.external_ips or self.load_balancer_ips)
 
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        """Some traffic to this port may go to any node's endpoints: a Cluster policy, or
+        any external access (with a Local external policy, traffic from pods and from
+        the node to external addresses is still short-circuited to all endpoints)."""
+        return not self.internal_policy_local or self.externally_accessible
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        """Some traffic to this port may only go to this node's endpoints."""
+        return self.internal_policy_local or (
+            self.external_policy_local and self.externally_accessible
+        )
+
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
@@ -83,8 +97,10 @@ class Endpoint:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
-    node_name: str | None = field(default=None, compare=True)
-    zone_hints: tuple[str, ...] = ()
+    node_name: str | None = None
+    # Topology hints of the EndpointSlice controller (hints.forZones / hints.forNodes).
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
 
     @property
     def address(self) -> str:
@@ -93,11 +109,23 @@ class Endpoint:
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
 
+    @property
+    def serving_terminating(self) -> bool:
+        """Terminating but still answering: the fallback when nothing is ready."""
+        return self.serving and self.terminating
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the rules need to know about this node; may change while the agent runs."""
+
+    name: str = ""
+    zone: str = ""
+    # The node's primary IP: a source range that holds it also admits the LB IPs as source.
+    ip: IPAddress | None = None
+    # None: NodePorts on every local address (addrtype LOCAL); else these node IPs only.
+    nodeport_ips: tuple[IPAddress, ...] | None = None
+
 
 ServicePortMap = dict[ServicePortName, ServicePort]
 EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
-
-
-def usable_endpoints(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
-    """The endpoints that get traffic: ready ones (traffic policies come later)."""
-    return tuple(ep for ep in endpoints if ep.ready)

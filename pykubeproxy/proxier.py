@@ -14,34 +14,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pykubeproxy.backend import Backend, KeptChainMissing
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
-from pykubeproxy.conntrack import delete_flows, stale_flows
-from pykubeproxy.convert import node_is_deleting, slice_service
+from pykubeproxy.conntrack import ConntrackReconciler, reconcile_needed
+from pykubeproxy.convert import node_facts, node_is_deleting, slice_service
 from pykubeproxy.health import ProxyHealth
-from pykubeproxy.iptables.ruleset import KeptChainMissing
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import EndpointsMap, NamespacedName, ServicePortMap, ServicePortName
+from pykubeproxy.model import EndpointsMap, NamespacedName, NodeFacts, ServicePortMap
+from pykubeproxy.topology import local_ready_endpoints
 
 log = logging.getLogger(__name__)
 
 
-class Backend(Protocol):
-    """Makes the kernel match the Services; one implementation per proxy mode."""
+Reconcile = Callable[[ServicePortMap, EndpointsMap], object]
 
-    def sync(
-        self,
-        services: ServicePortMap,
-        endpoints: EndpointsMap,
-        rewrite: set[ServicePortName] | None,
-    ) -> None:
-        """Full sync when `rewrite` is None, else only those Service ports change.
 
-        Raises KeptChainMissing when a partial sync cannot trust the kernel state.
-        """
+class HealthChecks(Protocol):
+    """The health-check node port servers (pykubeproxy.healthcheck)."""
+
+    def sync_services(self, ports: Mapping[NamespacedName, int]) -> None: ...
+    def sync_endpoints(self, counts: Mapping[NamespacedName, int]) -> None: ...
 
 
 class Runner(Protocol):
@@ -59,8 +55,10 @@ class Proxier:
         health: ProxyHealth,
         sync_period: float,
         min_sync_period: float,
+        node_name: str = "",
         clock: Callable[[], float] = time.monotonic,
-        flush_flows: Callable[[list[list[str]]], None] = delete_flows,
+        conntrack: Reconcile | None = None,
+        health_checks: HealthChecks | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
@@ -68,8 +66,9 @@ class Proxier:
         self.sync_period = sync_period
         self.min_sync_period = min_sync_period
         self._clock = clock
-        self.flush_flows = flush_flows
-        self._stale_flows: list[list[str]] = []
+        self.conntrack = conntrack or ConntrackReconciler().reconcile
+        self.health_checks = health_checks
+        self._conntrack_due = True  # a restart reconciles once: flows may have gone stale
         self._orphans: set[NamespacedName] = set()
         self._lock = threading.Lock()
         self.services = ServiceChangeTracker()
@@ -80,6 +79,7 @@ class Proxier:
         self._last_full: float | None = None
         self._failures = 0
         self._slice_owner: dict[str, NamespacedName] = {}
+        self.node = NodeFacts(node_name)
 
     # --- event handlers (watch threads) -------------------------------------------------
 
@@ -119,10 +119,24 @@ class Proxier:
             self._queue()
 
     def on_node(self, key: str, obj: dict[str, Any] | None) -> None:
+        """Eligibility for health, and the zone and IP the rules depend on.
+
+        A change of zone or IP re-renders every Service (a full sync), as a change
+        of the Node's labels does upstream.
+        """
         eligible = obj is not None and not node_is_deleting(obj)
         if eligible != self.health.node_eligible:
             log.info("node %s: eligible=%s", key.lstrip("/"), eligible)
         self.health.node_eligible = eligible
+        facts = node_facts(obj, self.node.name)
+        with self._lock:
+            changed = facts != self.node
+            if changed:
+                log.info("node %s: zone=%r ip=%s", facts.name, facts.zone, facts.ip)
+                self.node = facts
+                self._needs_full = True
+        if changed:
+            self._queue()
 
     def on_synced(self, kind: str) -> None:
         with self._lock:
@@ -152,7 +166,7 @@ class Proxier:
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
         changed = changed_services | endpoints.changed
-        self._stale_flows += stale_flows(endpoints, self.services.service_map)
+        self._conntrack_due |= reconcile_needed(endpoints.changed_ports)
         try:
             try:
                 self._apply(full, changed)
@@ -181,8 +195,10 @@ class Proxier:
         )
         self.metrics.last_sync.set(time.time())
         wall = datetime.now(UTC)
-        self.flush_flows(self._stale_flows)
-        self._stale_flows = []
+        self._sync_health_checks()
+        if self._conntrack_due:
+            self._conntrack_due = False
+            self.conntrack(self.services.service_map, self.endpoints.endpoints_map)
         for trigger in endpoints.trigger_times:
             self.metrics.network_programming.observe(max(0.0, (wall - trigger).total_seconds()))
         self.health.updated()
@@ -195,6 +211,18 @@ class Proxier:
             len(changed),
             elapsed,
         )
+
+    def _sync_health_checks(self) -> None:
+        """Open, move or close health-check node ports, then update what they report."""
+        if self.health_checks is None:
+            return
+        services = self.services.service_map.values()
+        self.health_checks.sync_services(
+            {svc.name.service: svc.health_check_node_port for svc in services
+             if svc.health_check_node_port}
+        )  # fmt: skip
+        counts = local_ready_endpoints(self.endpoints.endpoints_map, self.node.name)
+        self.health_checks.sync_endpoints(counts)
 
     def _report_orphans(self, changed: set[NamespacedName]) -> None:
         """Log, once, endpoints whose Service does not exist (or is not proxied)."""
@@ -211,4 +239,4 @@ class Proxier:
     def _apply(self, full: bool, changed: set[NamespacedName]) -> None:
         services = self.services.service_map
         rewrite = None if full else {name for name in services if name.service in changed}
-        self.backend.sync(services, self.endpoints.endpoints_map, rewrite)
+        self.backend.sync(services, self.endpoints.endpoints_map, rewrite, self.node)

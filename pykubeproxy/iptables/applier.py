@@ -18,15 +18,16 @@ import fcntl
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import iptc
-from iptc.ip4tc import is_table_available
 
+from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.iptables.encoder import EntryEncoder
-from pykubeproxy.iptables.ruleset import CANARY, Argv, KeptChainMissing, TableState, is_owned
+from pykubeproxy.iptables.iptc_rules import built_entry
+from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, is_owned, rule_identity
 
 log = logging.getLogger(__name__)
 
@@ -40,68 +41,6 @@ SLOW_CACHE_LIMIT = 10_000
 
 class ApplyError(RuntimeError):
     """The kernel refused a transaction; nothing of it was applied."""
-
-
-def _open_tables() -> None:
-    """Give every table singleton a libiptc handle.
-
-    python-iptables decides whether ``-j NAME`` is a jump by asking every table
-    whether NAME is a chain; asking a table the applier has closed would pass
-    libiptc a NULL handle and crash the process.
-    """
-    for name in iptc.Table.ALL:
-        if is_table_available(name):
-            table = iptc.Table(name)
-            if table._handle is None:
-                table.refresh()
-
-
-def build_rule(argv: Argv) -> Any:
-    """A python-iptables Rule from kube-proxy-style arguments (``-A CHAIN`` excluded)."""
-    _open_tables()
-    rule = iptc.Rule()
-    module: Any = None
-    negate = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "!":
-            negate = True
-            i += 1
-            continue
-        prefix = "!" if negate else ""
-        negate = False
-        if arg in ("-p", "-s", "-d"):
-            setattr(rule, {"-p": "protocol", "-s": "src", "-d": "dst"}[arg], prefix + argv[i + 1])
-            i += 2
-        elif arg == "-m":
-            module = rule.create_match(argv[i + 1])
-            i += 2
-        elif arg == "-j":
-            module = rule.create_target(argv[i + 1])
-            i += 2
-        elif arg.startswith("--") and module is not None:
-            values = []
-            i += 1
-            while i < len(argv) and not argv[i].startswith("-") and argv[i] != "!":
-                values.append(argv[i])
-                i += 1
-            if len(values) > 1:  # e.g. --match-set NAME dst,dst: separate arguments
-                module.set_parameter(arg[2:], [prefix, *values] if prefix else values)
-            else:
-                module.set_parameter(arg[2:], prefix + "".join(values))
-        else:
-            raise ValueError(f"unsupported rule argument {arg!r} in {argv!r}")
-    if rule.target is None:
-        rule.create_target("")
-    return rule
-
-
-def _built(argv: Argv) -> Any:
-    """The entry python-iptables builds for a rule (slow: ~225 µs)."""
-    rule = build_rule(argv)
-    rule.final_check()
-    return rule.rule
 
 
 def _jump_identity(entry: Any, table: Any) -> tuple[str, str] | None:
@@ -147,13 +86,18 @@ def xtables_lock(path: str = XTABLES_LOCK) -> Iterator[None]:
 class IptcApplier:
     """Applies rendered tables with python-iptables, one commit per table."""
 
-    def __init__(self, lock_path: str = XTABLES_LOCK, *, fast: bool = True) -> None:
+    def __init__(
+        self,
+        lock_path: str = XTABLES_LOCK,
+        *,
+        samples: Callable[[], Iterable[Argv]] | None = None,
+    ) -> None:
         self.lock_path = lock_path
         # Entries only python-iptables can build, kept because each costs ~300 µs.
         self._slow_entries: dict[Argv, Any] = {}
         # Built on the first use (learning costs a few python-iptables builds).
         self.encoder: EntryEncoder | None = None
-        self._fast = fast
+        self._samples = samples
 
     def _entry(self, argv: Argv) -> Any:
         """The rule's binary entry: from the fast encoder, else python-iptables (cached).
@@ -162,16 +106,16 @@ class IptcApplier:
         kernel's index of the set, which the kernel alone knows.
         """
         if "set" in argv and argv[argv.index("set") - 1] == "-m":
-            return _built(argv)
-        if self._fast and self.encoder is None:
-            self.encoder = EntryEncoder()
+            return built_entry(argv)
+        if self._samples is not None and self.encoder is None:
+            self.encoder = EntryEncoder(self._samples())
         entry = self.encoder.encode(argv) if self.encoder is not None else None
         if entry is None:
             entry = self._slow_entries.get(argv)
         if entry is None:
             if len(self._slow_entries) >= SLOW_CACHE_LIMIT:
                 self._slow_entries.clear()
-            entry = self._slow_entries[argv] = _built(argv)
+            entry = self._slow_entries[argv] = built_entry(argv)
         return entry
 
     def apply(self, tables: list[TableState]) -> None:
@@ -205,6 +149,7 @@ class IptcApplier:
         for chain, rules in state.chains.items():
             for argv in rules:
                 table.append_entry(chain, self._entry(argv))
+        self._ensure_shared(table, state)
         self._reconcile_jumps(table, state)
         wanted = state.chains.keys() | state.kept
         stale = [chain for chain in existing if is_owned(chain) and chain not in wanted]
@@ -212,6 +157,20 @@ class IptcApplier:
             table.flush_entries(chain)
         for chain in stale:
             table.delete_chain(chain)
+
+    def _ensure_shared(self, table: Any, state: TableState) -> None:
+        """Create kubelet-shared chains when missing and append the rules they lack.
+
+        A rule is there when one with its target and comment is: kubelet writes the
+        localnet guard with the same comment, and its copy counts as ours.
+        """
+        for chain, rules in state.ensured.items():
+            if not table.is_chain(chain):
+                table.create_chain(chain)
+            present = {_jump_identity(entry, table) for entry in iter_entries(table, chain)}
+            for argv in rules:
+                if rule_identity(argv) not in present:
+                    table.append_entry(chain, self._entry(argv))
 
     def _reconcile_jumps(self, table: Any, state: TableState) -> None:
         """Make the rules that jump from built-in chains into ours exactly `state.jumps`.
@@ -221,8 +180,7 @@ class IptcApplier:
         """
         wanted: dict[str, set[tuple[str, str]]] = {}
         for jump in state.jumps:
-            comment = jump.argv[jump.argv.index("--comment") + 1]
-            wanted.setdefault(jump.chain, set()).add((jump.argv[-1], comment))
+            wanted.setdefault(jump.chain, set()).add(jump.identity)
         for chain in chain_names(table):
             if not table.builtin_chain(chain):
                 continue
@@ -237,9 +195,8 @@ class IptcApplier:
             for index in reversed(doomed):
                 table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle)
         for jump in reversed(state.jumps):
-            comment = jump.argv[jump.argv.index("--comment") + 1]
             present = {_jump_identity(entry, table) for entry in iter_entries(table, jump.chain)}
-            if (jump.argv[-1], comment) not in present:
+            if jump.identity not in present:
                 table.insert_entry(jump.chain, self._entry(jump.argv), 0)
 
     def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:

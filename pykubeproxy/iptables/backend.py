@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -9,7 +10,14 @@ from typing import Protocol
 from pykubeproxy.iptables.render import Renderer
 from pykubeproxy.iptables.ruleset import CANARY, TableState
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import EndpointsMap, ServicePortMap, ServicePortName
+from pykubeproxy.model import (
+    EndpointsMap,
+    IPAddress,
+    IPNetwork,
+    NodeFacts,
+    ServicePortMap,
+    ServicePortName,
+)
 
 
 class Applier(Protocol):
@@ -24,6 +32,8 @@ class IptablesBackend:
 
     `after_first_sync` runs once, after the first successful sync: starting in
     iptables mode removes IPVS mode's leftovers once no rule refers to them.
+    With `nodeport_cidrs`, NodePorts answer only on the node addresses inside
+    them, looked up again at every sync (addresses come and go), as upstream.
     """
 
     def __init__(
@@ -32,22 +42,31 @@ class IptablesBackend:
         applier: Applier,
         metrics: Metrics,
         after_first_sync: Callable[[], None] | None = None,
+        nodeport_cidrs: tuple[IPNetwork, ...] = (),
+        node_addresses: Callable[[], list[IPAddress]] = list,
     ) -> None:
         self.renderer = renderer
         self.applier = applier
         self.metrics = metrics
         self._after_first_sync = after_first_sync
+        self.nodeport_cidrs = nodeport_cidrs
+        self.node_addresses = node_addresses
 
     def sync(
         self,
         services: ServicePortMap,
         endpoints: EndpointsMap,
         rewrite: set[ServicePortName] | None,
+        node: NodeFacts,
     ) -> None:
-        nat, filt = self.renderer.render(services, endpoints, rewrite)
+        if self.nodeport_cidrs:
+            ips = (ip for ip in self.node_addresses() if any(ip in c for c in self.nodeport_cidrs))
+            node = dataclasses.replace(node, nodeport_ips=tuple(ips))
+        rendered = self.renderer.render(services, endpoints, rewrite, node)
         mangle = TableState("mangle", chains={CANARY: []})  # kube-proxy's canary lives here too
-        self.applier.apply([nat, filt, mangle])
-        self.metrics.count_rules([nat, filt])
+        self.applier.apply([*rendered.tables, mangle])
+        self.metrics.count_rules({t.name: t.rule_count() for t in rendered.tables})
+        self.metrics.set_no_local_endpoints(rendered.no_local_endpoints)
         if self._after_first_sync is not None:
             cleanup, self._after_first_sync = self._after_first_sync, None
             try:

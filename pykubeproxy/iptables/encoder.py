@@ -36,21 +36,12 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_network
+from ipaddress import IPv4Address
 
 import iptc
 
-from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.iptables.iptc_rules import build_rule
 from pykubeproxy.iptables.ruleset import Argv
-from pykubeproxy.model import (
-    Endpoint,
-    EndpointsMap,
-    NamespacedName,
-    Protocol,
-    ServicePort,
-    ServicePortMap,
-    ServicePortName,
-)
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +274,6 @@ def resolving_chains(names: Collection[str]) -> Iterator[None]:
 
 def python_iptables_entry(argv: Argv) -> bytes:
     """The slow path's bytes: `build_rule`, `final_check()` and the rule buffer."""
-    from pykubeproxy.iptables.applier import build_rule  # the applier imports this module
-
     rule = build_rule(argv)
     rule.final_check()
     return bytes(rule.rule)
@@ -314,15 +303,15 @@ class EntryEncoder:
     """Fast, verified ipt_entry encoding per rule shape (see the module docstring).
 
     `build` is the reference (python-iptables); `samples` are real rules whose
-    shapes are learned and checked at construction (default: a small rendered
-    cluster covering every rule the renderer emits). Shapes first seen later
+    shapes are learned and checked at construction (the renderer's
+    `sample_rules()` covers every rule it emits). Shapes first seen later
     are learned and checked the same way on first use, up to `max_shapes`: a
     literal that varied per rule would otherwise make every rule a new shape.
     """
 
     def __init__(
         self,
-        samples: Iterable[Argv] | None = None,
+        samples: Iterable[Argv],
         *,
         build: Builder = python_iptables_entry,
         checks: int = 4,
@@ -337,7 +326,7 @@ class EntryEncoder:
         self.encoded = 0
         self.fallbacks = 0
         examples: dict[Key, list[Argv]] = {}
-        for argv in sample_rules() if samples is None else samples:
+        for argv in samples:
             examples.setdefault(split(argv)[0], []).append(argv)
         for key, argvs in examples.items():
             self._learn(key, argvs[:3])
@@ -448,40 +437,3 @@ def _slots(key: Key) -> tuple[Codec, ...]:
 def _shown(key: Key) -> Argv:
     """A shape for people: placeholders written as ``<kind>``."""
     return tuple(f"<{arg[1:]}>" if arg in _BY_PLACEHOLDER else arg for arg in key)
-
-
-def sample_rules() -> list[Argv]:
-    """Rules of every shape the renderer emits, from a small cluster and each setting."""
-    services: ServicePortMap = {}
-    endpoints: EndpointsMap = {}
-    for n, proto in enumerate(Protocol):
-        for kind in range(4):  # ClusterIP, NodePort+affinity, external+LB, no endpoints
-            name = ServicePortName(NamespacedName(f"ns{n}", f"svc{kind}"), "p", proto)
-            ext = (IPv4Address(f"198.51.100.{kind + 1}"),) if kind >= 2 else ()
-            services[name] = ServicePort(
-                name,
-                IPv4Address(f"10.96.{n}.{kind + 10}"),
-                80 + kind,
-                node_port=30000 + 10 * n + kind if kind else 0,
-                external_ips=ext,
-                load_balancer_ips=ext,
-                session_affinity_seconds=10800 if kind == 1 else None,
-            )
-            if kind < 3:
-                endpoints[name] = tuple(
-                    Endpoint(IPv4Address(f"10.244.{n}.{kind * 8 + i + 2}"), 8080)
-                    for i in range(kind + 2)
-                )
-    configs = [
-        RenderConfig(),
-        RenderConfig(cluster_cidr=(ip_network("10.244.0.0/16"), ip_network("10.245.0.0/16"))),
-        RenderConfig(masquerade_all=True, random_fully=False, localhost_nodeports=False),
-        RenderConfig(nodeport_ips=(IPv4Address("127.0.0.1"), IPv4Address("198.18.0.2"))),
-    ]
-    rules: list[Argv] = []
-    for cfg in configs:
-        for table in Renderer(cfg).render(services, endpoints):
-            rules += [jump.argv for jump in table.jumps]
-            for chain_rules in table.chains.values():
-                rules += chain_rules
-    return rules

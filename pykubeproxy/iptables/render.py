@@ -10,7 +10,7 @@ a partial sync can tell the applier which per-Service chains to leave alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from pykubeproxy.iptables.ruleset import (
     CANARY,
@@ -31,26 +31,48 @@ from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
     IPAddress,
+    NamespacedName,
+    NodeFacts,
+    Protocol,
     ServicePort,
     ServicePortMap,
     ServicePortName,
-    usable_endpoints,
 )
+from pykubeproxy.topology import categorize
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+# Past this many endpoints, upstream drops the per-endpoint comments to keep tables small.
+LARGE_CLUSTER_ENDPOINTS = 1000
+ANY_NODE = NodeFacts()  # no name, zone or IP: nothing is local, no hint applies
+
+
+@dataclass(frozen=True)
+class LocalDetector:
+    """Matches that tell traffic from this node's pods from other traffic.
+
+    kube-proxy's LocalTrafficDetector: `if_local` selects pod-originated packets,
+    `if_not_local` the rest (e.g. ``-s``/``! -s`` the cluster CIDR).
+    """
+
+    if_local: Argv
+    if_not_local: Argv
+
+    @classmethod
+    def by_cidr(cls, cidr: IPv4Network | IPv6Network) -> LocalDetector:
+        return cls(("-s", str(cidr)), ("!", "-s", str(cidr)))
 
 
 @dataclass(frozen=True)
 class RenderConfig:
     """The proxier settings that shape the rules."""
 
-    cluster_cidr: tuple[IPv4Network | IPv6Network, ...] = ()
+    local_detector: LocalDetector | None = None
     masquerade_all: bool = False
     masquerade_bit: int = 14
-    # None: every local address (addrtype LOCAL); else the node IPs to accept NodePorts on.
-    nodeport_ips: tuple[IPAddress, ...] | None = None
     localhost_nodeports: bool = True
     random_fully: bool = True
+    # nf_conntrack_tcp_be_liberal=1 on the node: no INVALID-drop rule (as upstream).
+    conntrack_tcp_liberal: bool = False
 
     @property
     def mark(self) -> str:
@@ -81,87 +103,182 @@ class ServiceRules:
     nat_nodeports: list[Argv] = field(default_factory=list)
     filter_services: list[Argv] = field(default_factory=list)
     filter_external: list[Argv] = field(default_factory=list)
+    filter_nodeports: list[Argv] = field(default_factory=list)
+    filter_firewall: list[Argv] = field(default_factory=list)
     nat_chains: dict[str, list[Argv]] = field(default_factory=dict)
+    # Local traffic policy with no endpoint on this node (kube-proxy's metric).
+    no_local_internal: bool = False
+    no_local_external: bool = False
 
 
 def render_service(
-    svc: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig
+    svc: ServicePort,
+    endpoints: tuple[Endpoint, ...],
+    cfg: RenderConfig,
+    node: NodeFacts = ANY_NODE,
+    large_cluster: bool = False,
 ) -> ServiceRules:
-    """kube-proxy's per-Service-port rules (cluster traffic policy, ready endpoints)."""
+    """One Service port's rules, as upstream's syncProxyRules writes them.
+
+    Traffic to the ClusterIP goes to the internal policy chain (KUBE-SVC, or
+    KUBE-SVL for internalTrafficPolicy Local); traffic to NodePorts, external
+    and LoadBalancer IPs goes to KUBE-EXT, which masquerades it (Cluster policy)
+    or keeps the client address and sends it to KUBE-SVL (Local policy), except
+    for traffic from this node or its pods, which is short-circuited to
+    KUBE-SVC. LoadBalancer IPs with source ranges pass KUBE-FW first. Without
+    any endpoint the filter table REJECTs; with a Local policy and no endpoint
+    here it DROPs what was not short-circuited.
+    """
     out = ServiceRules()
     name = str(svc.name)
     proto = svc.protocol.value
     match = ("-m", proto, "-p", proto)
-    port, node_port = str(svc.port), str(svc.node_port)
-    ready = usable_endpoints(endpoints)
-    svc_chain = service_chain(svc.name)
+    port = str(svc.port)
+    chosen = categorize(endpoints, svc, node.name, node.zone)
+    has_any = chosen.has_any
+    cluster_chain = service_chain(svc.name)
+    local_chain = service_chain(svc.name, "KUBE-SVL-")
     ext_chain = service_chain(svc.name, "KUBE-EXT-")
+    fw_chain = service_chain(svc.name, "KUBE-FW-")
+
+    internal_chain, has_internal = cluster_chain, has_any
+    if svc.internal_policy_local:
+        internal_chain, has_internal = local_chain, bool(chosen.local)
+    external_policy_chain, has_external = cluster_chain, has_any
+    if svc.external_policy_local:
+        external_policy_chain, has_external = local_chain, bool(chosen.local)
+    uses_ext_chain = has_any and svc.externally_accessible
+    uses_fw_chain = has_any and bool(svc.load_balancer_ips and svc.load_balancer_source_ranges)
+    lb_chain = fw_chain if uses_fw_chain else ext_chain
+
+    internal_verdict = external_verdict = ("", "")
+    if not has_any:
+        internal_verdict = external_verdict = ("REJECT", f"{name} has no endpoints")
+    else:
+        if not has_internal:
+            internal_verdict = ("DROP", f"{name} has no local endpoints")
+            out.no_local_internal = True
+        if not has_external:
+            external_verdict = ("DROP", f"{name} has no local endpoints")
+            out.no_local_external = True
 
     def to_ip(text: str, ip: IPAddress, target: str) -> Argv:
         return (*comment(text), *match, "-d", str(ip), "--dport", port, "-j", target)
 
-    if not ready:
-        reject = f"{name} has no endpoints"
-        out.filter_services.append(to_ip(reject, svc.cluster_ip, "REJECT"))
-        for ip in (*svc.external_ips, *svc.load_balancer_ips):
-            out.filter_external.append(to_ip(reject, ip, "REJECT"))
-        if svc.node_port:
-            local = ("-m", "addrtype", "--dst-type", "LOCAL")
-            out.filter_external.append(
-                (*comment(reject), *local, *match, "--dport", node_port, "-j", "REJECT")
-            )
-        return out
+    def refuse(verdict: tuple[str, str], ip: IPAddress) -> Argv:
+        return to_ip(verdict[1], ip, verdict[0])
 
-    cluster_ip_rule = to_ip(f"{name} cluster IP", svc.cluster_ip, svc_chain)
-    out.nat_services.append(cluster_ip_rule)
-    out.nat_services += [to_ip(f"{name} external IP", ip, ext_chain) for ip in svc.external_ips]
-    out.nat_services += [
-        to_ip(f"{name} loadbalancer IP", ip, ext_chain) for ip in svc.load_balancer_ips
-    ]
-    if svc.node_port:
-        out.nat_nodeports.append((*comment(name), *match, "--dport", node_port, "-j", ext_chain))
-
-    svc_rules: list[Argv] = []
-    masq_match = cluster_ip_rule[:-2]
-    if cfg.masquerade_all:
-        svc_rules.append((*masq_match, "-j", MARK_MASQ))
+    cluster_ip_rule = to_ip(f"{name} cluster IP", svc.cluster_ip, internal_chain)
+    if has_internal:
+        out.nat_services.append(cluster_ip_rule)
     else:
-        svc_rules += [(*masq_match, "!", "-s", str(c), "-j", MARK_MASQ) for c in cfg.cluster_cidr]
-    if svc.externally_accessible:
-        masquerade = comment(f"masquerade traffic for {name} external destinations")
-        out.nat_chains[ext_chain] = [(*masquerade, "-j", MARK_MASQ), ("-j", svc_chain)]
-    seps = [(ep, endpoint_chain(svc.name, ep)) for ep in ready]
-    affinity = svc.session_affinity_seconds
-    if affinity is not None:
-        svc_rules += [
-            (*comment(f"{name} -> {ep.address}"), "-m", "recent", "--name", sep,
-             "--rcheck", "--seconds", str(affinity), "--reap", "-j", sep)
-            for ep, sep in seps
-        ]  # fmt: skip
-    n = len(seps)
-    for i, (ep, sep) in enumerate(seps):
-        pick: Argv = ()
-        if i < n - 1:
-            pick = ("-m", "statistic", "--mode", "random", "--probability", probability(n - i))
-        svc_rules.append((*comment(f"{name} -> {ep.address}"), *pick, "-j", sep))
-    out.nat_chains[svc_chain] = svc_rules
-    remember: Argv = ()
-    for ep, sep in seps:
-        if affinity is not None:
+        out.filter_services.append(refuse(internal_verdict, svc.cluster_ip))
+    for ip in svc.external_ips:
+        if has_any:
+            out.nat_services.append(to_ip(f"{name} external IP", ip, ext_chain))
+        if not has_external:
+            out.filter_external.append(refuse(external_verdict, ip))
+    for ip in svc.load_balancer_ips:
+        if has_any:
+            out.nat_services.append(to_ip(f"{name} loadbalancer IP", ip, lb_chain))
+        if uses_fw_chain:
+            dropped = f"{name} traffic not accepted by {fw_chain}"
+            out.filter_firewall.append(to_ip(dropped, ip, "DROP"))
+    if not has_external:
+        out.filter_external += [refuse(external_verdict, ip) for ip in svc.load_balancer_ips]
+    if svc.node_port:
+        node_port = ("--dport", str(svc.node_port))
+        if has_any:
+            out.nat_nodeports.append((*comment(name), *match, *node_port, "-j", ext_chain))
+        if not has_external:
+            verdict, why = external_verdict
+            local = ("-m", "addrtype", "--dst-type", "LOCAL")
+            out.filter_external.append((*comment(why), *local, *match, *node_port, "-j", verdict))
+    if svc.health_check_node_port:
+        out.filter_nodeports.append(
+            (*comment(f"{name} health check node port"), "-m", "tcp", "-p", "tcp",
+             "--dport", str(svc.health_check_node_port), "-j", "ACCEPT")
+        )  # fmt: skip
+
+    chains = out.nat_chains
+    if has_internal:
+        masq_match = cluster_ip_rule[:-2]
+        if cfg.masquerade_all:
+            chains[internal_chain] = [(*masq_match, "-j", MARK_MASQ)]
+        elif cfg.local_detector is not None:
+            not_local = cfg.local_detector.if_not_local
+            chains[internal_chain] = [(*masq_match, *not_local, "-j", MARK_MASQ)]
+    if uses_ext_chain:
+        ext = chains[ext_chain] = []
+        if not svc.external_policy_local:
+            masquerade = comment(f"masquerade traffic for {name} external destinations")
+            ext.append((*masquerade, "-j", MARK_MASQ))
+        else:
+            if cfg.local_detector is not None:
+                pods = comment(f"pod traffic for {name} external destinations")
+                ext.append((*pods, *cfg.local_detector.if_local, "-j", cluster_chain))
+            from_node = ("-m", "addrtype", "--src-type", "LOCAL")
+            masquerade = comment(f"masquerade LOCAL traffic for {name} external destinations")
+            ext.append((*masquerade, *from_node, "-j", MARK_MASQ))
+            route = comment(f"route LOCAL traffic for {name} external destinations")
+            ext.append((*route, *from_node, "-j", cluster_chain))
+        if has_external:
+            ext.append(("-j", external_policy_chain))
+    if uses_fw_chain:
+        allowed = comment(f"{name} loadbalancer IP")
+        fw = chains[fw_chain] = [
+            (*allowed, "-s", str(cidr), "-j", ext_chain) for cidr in svc.load_balancer_source_ranges
+        ]
+        if node.ip is not None and any(node.ip in c for c in svc.load_balancer_source_ranges):
+            fw += [(*allowed, "-s", str(ip), "-j", ext_chain) for ip in svc.load_balancer_ips]
+        fw.append(comment(f"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"))
+
+    def commented(text: str) -> Argv:
+        return () if large_cluster else comment(text)
+
+    def dispatch(chain: str, targets: tuple[Endpoint, ...]) -> None:
+        rules = chains.setdefault(chain, [])
+        seps = [(ep, endpoint_chain(svc.name, ep)) for ep in targets]
+        if svc.session_affinity_seconds is not None:
+            rules += [
+                (*commented(f"{name} -> {ep.address}"), "-m", "recent", "--name", sep,
+                 "--rcheck", "--seconds", str(svc.session_affinity_seconds), "--reap", "-j", sep)
+                for ep, sep in seps
+            ]  # fmt: skip
+        for i, (ep, sep) in enumerate(seps):
+            pick: Argv = ()
+            if i < len(seps) - 1:
+                odds = probability(len(seps) - i)
+                pick = ("-m", "statistic", "--mode", "random", "--probability", odds)
+            rules.append((*commented(f"{name} -> {ep.address}"), *pick, "-j", sep))
+
+    if chosen.cluster and svc.uses_cluster_endpoints:
+        dispatch(cluster_chain, chosen.cluster)
+    if chosen.local and svc.uses_local_endpoints:
+        dispatch(local_chain, chosen.local)
+    for ep in chosen.reachable:
+        sep = endpoint_chain(svc.name, ep)
+        remember: Argv = ()
+        if svc.session_affinity_seconds is not None:
             remember = ("-m", "recent", "--name", sep, "--set")
-        out.nat_chains[sep] = [
-            (*comment(name), "-s", str(ep.ip), "-j", MARK_MASQ),
-            (*comment(name), *remember, *match, "-j", "DNAT", "--to-destination", ep.address),
+        chains[sep] = [
+            (*commented(name), "-s", str(ep.ip), "-j", MARK_MASQ),
+            (*commented(name), *remember, *match, "-j", "DNAT", "--to-destination", ep.address),
         ]
     return out
 
 
-def jump_rules(cfg: RenderConfig) -> tuple[list[Jump], list[Jump]]:
-    """The rules in built-in chains that lead into the agent's chains (nat, filter)."""
+def jump_rules() -> tuple[list[Jump], list[Jump]]:
+    """The rules in built-in chains that lead into the agent's chains (nat, filter).
+
+    Upstream's order and comments (iptablesJumpChains), then kubelet's two
+    uncommented jumps to KUBE-FIREWALL, which upstream ensures too but never
+    removes: they are kubelet's as much as ours (iptablesKubeletJumpChains).
+    """
     new = ("-m", "conntrack", "--ctstate", "NEW")
 
-    def jump(chain: str, comment: str, target: str, extra: Argv = ()) -> Jump:
-        return Jump(chain, (*extra, "-m", "comment", "--comment", comment, "-j", target))
+    def jump(chain: str, text: str, target: str, extra: Argv = ()) -> Jump:
+        return Jump(chain, (*extra, *comment(text), "-j", target))
 
     portals = "kubernetes service portals"
     external = "kubernetes externally-visible service portals"
@@ -176,12 +293,9 @@ def jump_rules(cfg: RenderConfig) -> tuple[list[Jump], list[Jump]]:
         jump("INPUT", lb_firewall, PROXY_FIREWALL, new),
         jump("OUTPUT", lb_firewall, PROXY_FIREWALL, new),
         jump("FORWARD", lb_firewall, PROXY_FIREWALL, new),
+        Jump("INPUT", ("-j", FIREWALL), shared=True),
+        Jump("OUTPUT", ("-j", FIREWALL), shared=True),
     ]
-    if cfg.localhost_nodeports:
-        filter_jumps += [
-            jump("INPUT", "kubernetes firewall for dropping marked packets", FIREWALL),
-            jump("OUTPUT", "kubernetes firewall for dropping marked packets", FIREWALL),
-        ]
     nat_jumps = [
         jump("OUTPUT", portals, SERVICES),
         jump("PREROUTING", portals, SERVICES),
@@ -190,21 +304,48 @@ def jump_rules(cfg: RenderConfig) -> tuple[list[Jump], list[Jump]]:
     return nat_jumps, filter_jumps
 
 
+def localnet_guard() -> Argv:
+    """The rule kubelet also keeps in KUBE-FIREWALL: route_localnet must not expose
+    127.0.0.0/8 to the network (upstream issue 90259)."""
+    return (
+        *comment("block incoming localnet connections"),
+        "-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8",
+        "-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT",
+        "-j", "DROP",
+    )  # fmt: skip
+
+
+@dataclass
+class Rendered:
+    """One sync's desired tables, and the counts kube-proxy reports about them."""
+
+    nat: TableState
+    filter: TableState
+    no_local_endpoints: dict[str, int]
+
+    @property
+    def tables(self) -> list[TableState]:
+        """nat before filter: a Service that gains endpoints is DNATed before its
+        REJECT goes."""
+        return [self.nat, self.filter]
+
+
+CacheKey = tuple[ServicePort, tuple[Endpoint, ...], NodeFacts, bool]
+
+
 @dataclass
 class Renderer:
     """Renders whole tables, re-rendering only Services whose inputs changed."""
 
     cfg: RenderConfig
-    _cache: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], ServiceRules]] = field(
-        default_factory=dict
-    )
+    _cache: dict[ServicePortName, tuple[CacheKey, ServiceRules]] = field(default_factory=dict)
 
-    def _service(self, svc: ServicePort, endpoints: tuple[Endpoint, ...]) -> ServiceRules:
-        cached = self._cache.get(svc.name)
-        if cached is not None and cached[0] == svc and cached[1] == endpoints:
-            return cached[2]
-        rules = render_service(svc, endpoints, self.cfg)
-        self._cache[svc.name] = (svc, endpoints, rules)
+    def _service(self, key: CacheKey) -> ServiceRules:
+        cached = self._cache.get(key[0].name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rules = render_service(*key[:2], self.cfg, *key[2:])
+        self._cache[key[0].name] = (key, rules)
         return rules
 
     def render(
@@ -212,37 +353,44 @@ class Renderer:
         services: ServicePortMap,
         endpoints: EndpointsMap,
         rewrite: set[ServicePortName] | None = None,
-    ) -> tuple[TableState, TableState]:
+        node: NodeFacts = ANY_NODE,
+    ) -> Rendered:
         """The nat and filter tables; `rewrite` limits which per-Service chains are written.
 
         With `rewrite=None` (a full sync) every chain is written; otherwise the
         per-Service chains of other Services are only declared as kept.
         """
         cfg = self.cfg
-        nat_jumps, filter_jumps = jump_rules(cfg)
+        nat_jumps, filter_jumps = jump_rules()
         nat = TableState("nat", jumps=nat_jumps)
         filt = TableState("filter", jumps=filter_jumps)
-        mark = cfg.mark
-        nat_services: list[Argv] = []
-        nat_nodeports: list[Argv] = []
-        filter_services: list[Argv] = []
-        filter_external: list[Argv] = []
+        total = sum(len(endpoints.get(name, ())) for name in services)
+        large = total > LARGE_CLUSTER_ENDPOINTS
+        # Only the per-Service chains depend on the node's identity, not its NodePort IPs.
+        identity = NodeFacts(node.name, node.zone, node.ip)
+        merged = ServiceRules()
         service_chains: dict[str, list[Argv]] = {}
+        no_local = {"internal": 0, "external": 0}
         for name in sorted(services, key=str):
-            rules = self._service(services[name], endpoints.get(name, ()))
-            nat_services += rules.nat_services
-            nat_nodeports += rules.nat_nodeports
-            filter_services += rules.filter_services
-            filter_external += rules.filter_external
+            rules = self._service((services[name], endpoints.get(name, ()), identity, large))
+            merged.nat_services += rules.nat_services
+            merged.nat_nodeports += rules.nat_nodeports
+            merged.filter_services += rules.filter_services
+            merged.filter_external += rules.filter_external
+            merged.filter_nodeports += rules.filter_nodeports
+            merged.filter_firewall += rules.filter_firewall
+            no_local["internal"] += rules.no_local_internal
+            no_local["external"] += rules.no_local_external
             if rewrite is None or name in rewrite:
                 service_chains.update(rules.nat_chains)
             else:
                 nat.kept.update(rules.nat_chains)
                 nat.kept_rules += sum(len(chain) for chain in rules.nat_chains.values())
-        for live in set(self._cache) - set(services):
-            del self._cache[live]
+        for gone in set(self._cache) - set(services):
+            del self._cache[gone]
 
-        if cfg.nodeport_ips is None:
+        nat_services = merged.nat_services
+        if node.nodeport_ips is None:
             local: Argv = ("-m", "addrtype", "--dst-type", "LOCAL")
             if not cfg.localhost_nodeports:
                 local = (*local, "!", "-d", "127.0.0.0/8")
@@ -250,48 +398,112 @@ class Renderer:
         else:
             nat_services.extend(
                 (*comment(NODEPORTS_COMMENT), "-d", str(ip), "-j", NODEPORTS)
-                for ip in cfg.nodeport_ips
+                for ip in node.nodeport_ips
                 if cfg.localhost_nodeports or not ip.is_loopback
             )
 
-        masq_random: Argv = ("--random-fully",) if cfg.random_fully else ()
+        mark = cfg.mark
+        masquerade: Argv = ("-j", "MASQUERADE", *(("--random-fully",) if cfg.random_fully else ()))
         marked = ("-m", "mark", "--mark", f"{mark}/{mark}")
-        snat = comment("kubernetes service traffic requiring SNAT")
         nat.chains = {
             SERVICES: nat_services,
-            NODEPORTS: nat_nodeports,
+            NODEPORTS: merged.nat_nodeports,
             POSTROUTING: [
                 ("-m", "mark", "!", *marked[2:], "-j", "RETURN"),
                 ("-j", "MARK", "--xor-mark", mark),
-                (*snat, "-j", "MASQUERADE", *masq_random),
+                (*comment("kubernetes service traffic requiring SNAT"), *masquerade),
             ],
             MARK_MASQ: [("-j", "MARK", "--or-mark", mark)],
             CANARY: [],
             **service_chains,
         }
         established = ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED")
+        forward: list[Argv] = []
+        if not cfg.conntrack_tcp_liberal:
+            forward.append(("-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"))
+        forward += [
+            (*comment("kubernetes forwarding rules"), *marked, "-j", "ACCEPT"),
+            (*comment("kubernetes forwarding conntrack rule"), *established, "-j", "ACCEPT"),
+        ]
         filt.chains = {
-            SERVICES: filter_services,
-            EXTERNAL_SERVICES: filter_external,
-            FORWARD: [
-                ("-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"),
-                (*comment("kubernetes forwarding rules"), *marked, "-j", "ACCEPT"),
-                (*comment("kubernetes forwarding conntrack rule"), *established, "-j", "ACCEPT"),
-            ],
-            NODEPORTS: [],  # health-check node ports come with traffic policies
-            PROXY_FIREWALL: [],
+            SERVICES: merged.filter_services,
+            EXTERNAL_SERVICES: merged.filter_external,
+            FORWARD: forward,
+            NODEPORTS: merged.filter_nodeports,
+            PROXY_FIREWALL: merged.filter_firewall,
             CANARY: [],
         }
-        if cfg.localhost_nodeports:
-            localnet = ("-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8")
-            not_ours = ("-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT")
-            filt.chains[FIREWALL] = [
-                (
-                    *comment("block incoming localnet connections"),
-                    *localnet,
-                    *not_ours,
-                    "-j",
-                    "DROP",
+        filt.ensured[FIREWALL] = [localnet_guard()] if cfg.localhost_nodeports else []
+        return Rendered(nat, filt, no_local)
+
+
+def sample_rules() -> list[Argv]:
+    """Rules of every shape the renderer emits, from a small cluster and each setting.
+
+    The applier's fast encoder learns and verifies its shapes from these, so a rule
+    shape added to the renderer belongs here too (a test checks the coverage).
+    """
+    here, there = "node-a", "node-b"
+    services: ServicePortMap = {}
+    endpoints: EndpointsMap = {}
+    ranges = (IPv4Network("198.51.100.0/24"), IPv4Network("203.0.113.0/25"))
+    for n, proto in enumerate(Protocol):
+        # ClusterIP, NodePort+affinity, external+LB, no endpoints, ETP Local + source ranges
+        # with a local endpoint, the same without one, ITP Local without a local endpoint.
+        for kind in range(7):
+            name = ServicePortName(NamespacedName(f"ns{n}", f"svc{kind}"), "p", proto)
+            ext = (IPv4Address(f"198.51.100.{kind + 1}"),) if kind >= 2 else ()
+            local_external = kind in (4, 5)
+            services[name] = ServicePort(
+                name,
+                IPv4Address(f"10.96.{n}.{kind + 10}"),
+                80 + kind,
+                node_port=30000 + 10 * n + kind if kind else 0,
+                external_ips=ext,
+                load_balancer_ips=ext,
+                load_balancer_source_ranges=ranges if local_external else (),
+                session_affinity_seconds=10800 if kind == 1 else None,
+                external_policy_local=local_external,
+                internal_policy_local=kind == 6,
+                health_check_node_port=32000 + 10 * n + kind if local_external else 0,
+            )
+            if kind != 3:
+                endpoints[name] = tuple(
+                    Endpoint(
+                        IPv4Address(f"10.244.{n}.{kind * 8 + i + 2}"),
+                        8080,
+                        node_name=here if kind == 4 and i == 0 else there,
+                    )
+                    for i in range(kind % 3 + 2)
                 )
-            ]
-        return nat, filt
+    cidr = IPv4Network("10.244.0.0/16")
+    configs = [
+        (RenderConfig(), NodeFacts(here)),
+        (RenderConfig(local_detector=LocalDetector.by_cidr(cidr)), NodeFacts(here)),
+        (
+            RenderConfig(masquerade_all=True, random_fully=False, localhost_nodeports=False),
+            NodeFacts(here, ip=IPv4Address("198.51.100.200")),
+        ),
+        (
+            RenderConfig(conntrack_tcp_liberal=True),
+            NodeFacts(here, nodeport_ips=(IPv4Address("127.0.0.1"), IPv4Address("198.18.0.2"))),
+        ),
+    ]
+    # Past the endpoint threshold every per-endpoint comment goes: one big Service does it.
+    big = ServicePortName(NamespacedName("big", "svc"), "p", Protocol.TCP)
+    large = (
+        {**services, big: ServicePort(big, IPv4Address("10.96.9.9"), 80)},
+        {**endpoints, big: tuple(
+            Endpoint(IPv4Address("10.245.0.1"), 1024 + i) for i in range(LARGE_CLUSTER_ENDPOINTS)
+        )},
+    )  # fmt: skip
+    rules: dict[Argv, None] = {}
+    for cfg, node in configs:
+        for cluster in ((services, endpoints), large):
+            for table in Renderer(cfg).render(*cluster, node=node).tables:
+                rules.update((jump.argv, None) for jump in table.jumps)
+                for chain_rules in (*table.chains.values(), *table.ensured.values()):
+                    rules.update(dict.fromkeys(chain_rules))
+    return list(rules)
+
+

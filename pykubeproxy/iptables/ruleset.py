@@ -23,6 +23,8 @@ POSTROUTING = "KUBE-POSTROUTING"
 MARK_MASQ = "KUBE-MARK-MASQ"
 FORWARD = "KUBE-FORWARD"
 PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+# kubelet's chain: the agent makes sure it exists and holds the localnet guard, never
+# flushes or deletes it, and never removes the jumps to it (upstream does the same).
 FIREWALL = "KUBE-FIREWALL"
 CANARY = "KUBE-PROXY-CANARY"
 # IPVS mode's chains (it shares SERVICES, POSTROUTING, MARK_MASQ, FORWARD, PROXY_FIREWALL).
@@ -40,7 +42,6 @@ OWNED_CHAINS = frozenset(
         MARK_MASQ,
         FORWARD,
         PROXY_FIREWALL,
-        FIREWALL,
         CANARY,
         NODE_PORT,
         LOAD_BALANCER,
@@ -62,16 +63,27 @@ def chain_hash(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
-class KeptChainMissing(RuntimeError):
-    """A chain a partial sync relies on is gone or empty: a full sync is needed."""
+def rule_identity(argv: Argv) -> tuple[str, str]:
+    """(target, comment): how the applier recognises one of its rules in the kernel."""
+    target = argv[argv.index("-j") + 1]
+    return target, argv[argv.index("--comment") + 1] if "--comment" in argv else ""
 
 
 @dataclass(frozen=True)
 class Jump:
-    """A rule the agent keeps in a built-in chain (``-I`` once, if missing)."""
+    """A rule the agent keeps in a built-in chain (``-I`` once, if missing).
+
+    A `shared` jump leads to a chain kubelet also maintains: it is inserted when
+    missing but never removed.
+    """
 
     chain: str
     argv: Argv
+    shared: bool = False
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return rule_identity(self.argv)
 
 
 @dataclass
@@ -81,7 +93,8 @@ class TableState:
     `chains` are written whole (created, or flushed and refilled). `kept` are
     owned chains that must exist but are left as they are (unchanged Services
     in a partial sync). Every other owned chain in the kernel is stale and is
-    deleted.
+    deleted. `ensured` chains are shared with kubelet: created when missing,
+    their rules appended when missing, nothing else in them touched.
     """
 
     name: str
@@ -89,10 +102,12 @@ class TableState:
     kept: set[str] = field(default_factory=set)
     kept_rules: int = 0
     jumps: list[Jump] = field(default_factory=list)
+    ensured: dict[str, list[Argv]] = field(default_factory=dict)
 
     def rule_count(self) -> int:
-        """Rules the agent owns in this table, written or kept (kube-proxy's metric)."""
-        return self.kept_rules + sum(len(rules) for rules in self.chains.values())
+        """Rules the agent writes in this table, written or kept (kube-proxy's metric)."""
+        written = sum(len(rules) for rules in (*self.chains.values(), *self.ensured.values()))
+        return self.kept_rules + written
 
 
 def quote(arg: str) -> str:
@@ -115,11 +130,12 @@ def restore_text(tables: list[TableState], *, with_jumps: bool = False) -> str:
     """
     lines: list[str] = []
     for table in tables:
+        chains = {**table.chains, **table.ensured}
         lines.append(f"*{table.name}")
-        lines.extend(f":{chain} - [0:0]" for chain in table.chains)
+        lines.extend(f":{chain} - [0:0]" for chain in chains)
         if with_jumps:
             lines.extend(format_rule(jump.chain, jump.argv, "-I") for jump in table.jumps)
-        for chain, rules in table.chains.items():
+        for chain, rules in chains.items():
             lines.extend(format_rule(chain, rule) for rule in rules)
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"

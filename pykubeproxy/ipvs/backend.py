@@ -17,7 +17,14 @@ from pykubeproxy.iptables.backend import Applier
 from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
 from pykubeproxy.ipvs.state import IpvsState, RealServer, VirtualServer
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import EndpointsMap, IPAddress, IPNetwork, ServicePortMap, ServicePortName
+from pykubeproxy.model import (
+    EndpointsMap,
+    IPAddress,
+    IPNetwork,
+    NodeFacts,
+    ServicePortMap,
+    ServicePortName,
+)
 
 
 class IpvsKernel(Protocol):
@@ -52,6 +59,7 @@ class IpvsBackend:
         services: ServicePortMap,
         endpoints: EndpointsMap,
         rewrite: set[ServicePortName] | None,
+        node: NodeFacts,
     ) -> None:
         """Render everything; on a partial sync (`rewrite` set) unchanged services are not
         read back from the kernel."""
@@ -70,4 +78,4 @@ class IpvsBackend:
         self.metrics.ipvs_virtual_servers.set(len(state.services))
         real = sum(len(servers) for servers in state.real_servers.values())
         self.metrics.ipvs_real_servers.set(real + len(self.ipvs.draining()))
-        self.metrics.count_rules([nat, filt])
+        self.metrics.count_rules({t.name: t.rule_count() for t in (nat, filt)})

@@ -43,8 +43,8 @@ from pykubeproxy.model import (
     Protocol,
     ServicePort,
     ServicePortMap,
-    usable_endpoints,
 )
+from pykubeproxy.topology import categorize
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,8 @@ def _entry(ip: IPAddress, protocol: Protocol, port: int, *extra: str) -> str:
     return ",".join((f"{ip}", f"{protocol.value}:{port}", *extra))
 
 
-def _endpoints_for(
-    local_policy: bool, endpoints: tuple[Endpoint, ...], node: str
-) -> set[RealServer]:
-    """Real servers for one traffic policy; Local falls back to all, as kube-proxy's IPVS does."""
-    chosen = [ep for ep in endpoints if ep.node_name == node] if local_policy else []
-    return {RealServer(ep.ip, ep.port) for ep in (chosen or endpoints)}
+def _real(endpoints: tuple[Endpoint, ...]) -> set[RealServer]:
+    return {RealServer(ep.ip, ep.port) for ep in endpoints}
 
 
 def render_state(
@@ -99,10 +95,10 @@ def render_state(
 
     for svc in services.values():
         proto, port = svc.protocol, svc.port
-        ready = usable_endpoints(endpoints.get(svc.name, ()))
-        internal = _endpoints_for(svc.internal_policy_local, ready, cfg.node_name)
-        external = _endpoints_for(svc.external_policy_local, ready, cfg.node_name)
-        for ep in ready:
+        chosen = categorize(endpoints.get(svc.name, ()), svc, cfg.node_name)
+        internal = _real(chosen.local if svc.internal_policy_local else chosen.cluster)
+        external = _real(chosen.local if svc.external_policy_local else chosen.cluster)
+        for ep in chosen.reachable:
             if ep.node_name == cfg.node_name:
                 entries[sets.LOOP_BACK.name].add(_entry(ep.ip, proto, ep.port, str(ep.ip)))
         entries[sets.CLUSTER_IP.name].add(_entry(svc.cluster_ip, proto, port))

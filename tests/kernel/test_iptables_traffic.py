@@ -16,10 +16,11 @@ from typing import Any
 import objects as o
 import pytest
 
+from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.iptables.applier import IptcApplier
-from pykubeproxy.iptables.render import RenderConfig, Renderer
-from pykubeproxy.iptables.ruleset import KeptChainMissing, TableState
+from pykubeproxy.iptables.render import LocalDetector, RenderConfig, Renderer
+from pykubeproxy.iptables.ruleset import TableState
 from pykubeproxy.model import NamespacedName
 from pykubeproxy.sandbox.netns import Cluster, spread
 
@@ -62,7 +63,8 @@ class Node:
         self.cluster = cluster
         self.services = ServiceChangeTracker()
         self.endpoints = EndpointsChangeTracker()
-        self.renderer = Renderer(RenderConfig(cluster_cidr=(ip_network(cluster.cluster_cidr),)))
+        detector = LocalDetector.by_cidr(ip_network(cluster.cluster_cidr))
+        self.renderer = Renderer(RenderConfig(local_detector=detector))
         self.applier = IptcApplier()
 
     def service(
@@ -81,10 +83,10 @@ class Node:
         rewrite = (
             {n for n in self.services.service_map if n.service in changed} if partial else None
         )
-        nat, filt = self.renderer.render(
+        rendered = self.renderer.render(
             self.services.service_map, self.endpoints.endpoints_map, rewrite
         )
-        return [nat, filt]
+        return rendered.tables
 
     def sync(self, partial: bool = False) -> None:
         tables = self.render(partial)
@@ -225,7 +227,28 @@ def test_partial_sync_refuses_when_our_chains_were_flushed(cluster: Cluster, nod
 
 
 def test_cleanup_leaves_nothing_of_ours(cluster: Cluster, node: Node) -> None:
+    """Everything goes but what kubelet shares: KUBE-FIREWALL, its rule and its jumps."""
     cluster.node.run_inside(node.applier.cleanup)
     save = node.save()
-    assert "KUBE-" not in save.replace("KUBE-KUBELET-CANARY", "")
+    kubelets = [line for line in save.splitlines() if "KUBE-" in line]
+    assert kubelets == [
+        ":KUBE-FIREWALL - [0:0]",
+        "-A INPUT -j KUBE-FIREWALL",
+        "-A OUTPUT -j KUBE-FIREWALL",
+        '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming '
+        'localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP',
+        ":KUBE-KUBELET-CANARY - [0:0]",
+    ]
     assert "-A FOREIGN -p tcp -m tcp --dport 22 -j ACCEPT" in save
+
+
+def test_kubelets_firewall_chain_is_shared_never_rewritten(cluster: Cluster, node: Node) -> None:
+    """kubelet's own rules in KUBE-FIREWALL survive syncs; ours is added once, not again."""
+    kubelet_rule = ["-A", "KUBE-FIREWALL", "-m", "comment", "--comment", "kubelet-rule"]
+    cluster.node.exec(["iptables-legacy", "-t", "filter", *kubelet_rule, "-j", "DROP"])
+    node.sync()
+    node.sync()
+    chain = [line for line in node.save().splitlines() if line.startswith("-A KUBE-FIREWALL")]
+    assert len(chain) == 2 and "localnet" in chain[0] and "kubelet-rule" in chain[1], chain
+    jumps = [line for line in node.save().splitlines() if line.endswith("-j KUBE-FIREWALL")]
+    assert jumps == ["-A INPUT -j KUBE-FIREWALL", "-A OUTPUT -j KUBE-FIREWALL"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from ipaddress import ip_address
 
 import objects as o
 
@@ -66,12 +65,11 @@ def test_trigger_times_are_returned_once() -> None:
     assert tracker.apply().trigger_times == []
 
 
-def test_stale_endpoints_and_newly_served_ports() -> None:
+def test_changed_ports_name_every_port_before_and_after() -> None:
     tracker = EndpointsChangeTracker()
-    ports = [o.port("dns", 53, "UDP")]
-    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.2"], ports))
-    (name,) = tracker.apply().newly_served
-    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.3"], ports))
-    update = tracker.apply()
-    assert update.stale_endpoints == {name: {ip_address("10.244.0.2")}}
-    assert not update.newly_served
+    dns, http = [o.port("dns", 53, "UDP")], [o.port("http", 80)]
+    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.2"], dns))
+    assert {p.port for p in tracker.apply().changed_ports} == {"dns"}
+    tracker.update(WEB, "web-abcde", o.endpoint_slice("ns", "web", ["10.244.0.2"], http))
+    assert {p.port for p in tracker.apply().changed_ports} == {"dns", "http"}
+    assert tracker.apply().changed_ports == set()

@@ -30,15 +30,20 @@ from pykubeproxy.iptables.encoder import (
     EntryEncoder,
     python_iptables_entry,
     resolving_chains,
-    sample_rules,
     split,
 )
-from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.iptables.render import (
+    LocalDetector,
+    RenderConfig,
+    Renderer,
+    sample_rules,
+)
 from pykubeproxy.iptables.ruleset import Argv, TableState
 from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
     NamespacedName,
+    NodeFacts,
     Protocol,
     ServicePort,
     ServicePortMap,
@@ -49,19 +54,23 @@ ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
+NODE = NodeFacts("node-a", ip=IPv4Address("203.0.113.200"))
 CONFIGS = {
-    "default": RenderConfig(),
-    "cluster-cidr": RenderConfig(cluster_cidr=(ip_network("10.244.0.0/16"),)),
-    "two-cidrs": RenderConfig(
-        cluster_cidr=(ip_network("10.244.0.0/16"), ip_network("100.64.0.0/10"))
+    "default": (RenderConfig(), NODE),
+    "cluster-cidr": (
+        RenderConfig(local_detector=LocalDetector.by_cidr(ip_network("10.244.0.0/16"))),
+        NODE,
     ),
-    "masquerade-all": RenderConfig(masquerade_all=True, random_fully=False),
-    "nodeport-ips": RenderConfig(
-        nodeport_ips=(IPv4Address("127.0.0.1"), IPv4Address("192.168.7.2")),
-        localhost_nodeports=False,
-        masquerade_bit=5,
+    "other-cidr": (
+        RenderConfig(local_detector=LocalDetector.by_cidr(ip_network("100.64.0.0/10"))),
+        NodeFacts("node-a"),
     ),
-    "no-localhost": RenderConfig(localhost_nodeports=False),
+    "masquerade-all": (RenderConfig(masquerade_all=True, random_fully=False), NODE),
+    "nodeport-ips": (
+        RenderConfig(localhost_nodeports=False, masquerade_bit=5, conntrack_tcp_liberal=True),
+        NodeFacts("node-a", nodeport_ips=(IPv4Address("127.0.0.1"), IPv4Address("192.168.7.2"))),
+    ),
+    "no-localhost": (RenderConfig(localhost_nodeports=False), NODE),
 }
 
 
@@ -100,7 +109,7 @@ def isolated() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def encoder() -> EntryEncoder:
-    return EntryEncoder()
+    return EntryEncoder(sample_rules())
 
 
 def cluster(count: int, seed: int = 1) -> tuple[ServicePortMap, EndpointsMap]:
@@ -112,36 +121,52 @@ def cluster(count: int, seed: int = 1) -> tuple[ServicePortMap, EndpointsMap]:
         proto = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)[i % 3]
         port_name = ("http", "", "grpc-web", "dns")[i % 4]
         name = ServicePortName(NamespacedName(f"team-{i % 7}", f"api-{i}"), port_name, proto)
-        kind = i % 5  # 0 ClusterIP, 1 NodePort, 2 externalIP, 3 LoadBalancer, 4 affinity
+        # 0 ClusterIP, 1 NodePort, 2 externalIP, 3 LoadBalancer, 4 affinity,
+        # 5 LoadBalancer with Local policies, source ranges and a health check port
+        kind = i % 6
         extra = (IPv4Address(f"203.0.113.{i % 250 + 1}"),)
+        local = kind == 5
         services[name] = ServicePort(
             name,
             IPv4Address(f"10.96.{i // 250}.{i % 250 + 1}"),
             rng.choice((53, 80, 443, 8080, rng.randint(1, 65535))),
-            node_port=30000 + i if kind in (1, 3) else 0,
+            node_port=30000 + i if kind in (1, 3, 5) else 0,
             external_ips=extra if kind == 2 else (),
-            load_balancer_ips=extra if kind == 3 else (),
+            load_balancer_ips=extra if kind in (3, 5) else (),
+            load_balancer_source_ranges=(ip_network(f"198.51.{i % 250}.0/24"),) if local else (),
             session_affinity_seconds=rng.choice((10800, 60)) if kind == 4 else None,
+            external_policy_local=local,
+            internal_policy_local=local and i % 4 == 1,
+            health_check_node_port=31000 + i if local else 0,
         )
         pods = i % 8  # 0 (no endpoints) .. 7
         endpoints[name] = tuple(
-            Endpoint(IPv4Address(f"10.244.{i % 250}.{p + 2}"), rng.randint(1, 65535))
+            Endpoint(
+                IPv4Address(f"10.244.{i % 250}.{p + 2}"),
+                rng.randint(1, 65535),
+                node_name=rng.choice(("node-a", "node-b")),
+            )
             for p in range(pods)
         )
     return services, endpoints
 
 
-def rules_of(tables: tuple[TableState, ...] | list[TableState]) -> list[Argv]:
+def rules_of(tables: list[TableState]) -> list[Argv]:
     out: list[Argv] = []
     for table in tables:
         out += [jump.argv for jump in table.jumps]
-        for rules in table.chains.values():
+        for rules in (*table.chains.values(), *table.ensured.values()):
             out += rules
     return out
 
 
-def rendered(cfg: RenderConfig, count: int = 40) -> list[Argv]:
-    return rules_of(Renderer(cfg).render(*cluster(count)))
+def render(config: str, count: int) -> list[TableState]:
+    cfg, node = CONFIGS[config]
+    return Renderer(cfg).render(*cluster(count), node=node).tables
+
+
+def rendered(config: str, count: int = 40) -> list[Argv]:
+    return rules_of(render(config, count))
 
 
 def reference(argv: Argv) -> bytes:
@@ -152,7 +177,7 @@ def reference(argv: Argv) -> bytes:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_rendered_rule_is_fast_and_exact(encoder: EntryEncoder, config: str) -> None:
-    rules = rendered(CONFIGS[config])
+    rules = rendered(config)
     fallbacks = encoder.fallbacks
     for argv in dict.fromkeys(rules):
         assert encoder.encode(argv) == reference(argv), argv
@@ -163,7 +188,7 @@ def test_every_rendered_rule_is_fast_and_exact(encoder: EntryEncoder, config: st
 def test_sample_rules_cover_every_default_shape(encoder: EntryEncoder) -> None:
     learned = {split(argv)[0] for argv in sample_rules()}
     for config in ("default", "cluster-cidr", "masquerade-all", "no-localhost"):
-        assert {split(argv)[0] for argv in rendered(CONFIGS[config])} <= learned
+        assert {split(argv)[0] for argv in rendered(config)} <= learned
 
 
 def random_value(kind: str, rng: random.Random) -> str:
@@ -273,11 +298,11 @@ def test_self_check_disables_a_shape_that_does_not_match(
         return entry
 
     with caplog.at_level(logging.WARNING, "pykubeproxy.iptables.encoder"):
-        encoder = EntryEncoder(build=odd_ports)
+        encoder = EntryEncoder(sample_rules(), build=odd_ports)
     disabled = encoder.disabled
     assert disabled and all("--dport" in shape for shape in disabled)
     assert len(caplog.records) == len(disabled)
-    rules = rendered(CONFIGS["default"], 12)
+    rules = rendered("default", 12)
     with caplog.at_level(logging.WARNING, "pykubeproxy.iptables.encoder"):
         entries = [encoder.encode(argv) for argv in rules]
     assert len(caplog.records) == len(disabled)  # warned once per shape, at construction
@@ -314,7 +339,7 @@ def test_learning_stops_at_max_shapes(caplog: pytest.LogCaptureFixture) -> None:
 def test_applier_entries_come_from_the_encoder() -> None:
     argv: Argv = ("-m", "comment", "--comment", "ns/svc:p", "-m", "tcp", "-p", "tcp",
                   "-j", "DNAT", "--to-destination", "10.244.1.9:8080")  # fmt: skip
-    fast, slow = IptcApplier(fast=True), IptcApplier(fast=False)
+    fast, slow = IptcApplier(samples=sample_rules), IptcApplier()
     entry = fast._entry(argv)
     assert isinstance(entry, bytes) and fast._entry(argv) == entry
     assert fast.encoder is not None and fast.encoder.encoded == 2  # encoded, not cached
@@ -330,12 +355,12 @@ def test_applier_entries_come_from_the_encoder() -> None:
 @pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")
 def test_bytes_equal_python_iptables_with_real_chains(encoder: EntryEncoder, config: str) -> None:
     """No stand-in: python-iptables resolves jumps against a real (uncommitted) nat table."""
-    nat_state, filter_state = Renderer(CONFIGS[config]).render(*cluster(40))
+    nat_state, filter_state = render(config, 40)
     with private_netns("bytes"):
         nat = iptc.Table("nat", autocommit=False)
         nat.refresh()
         try:
-            for chain in {**nat_state.chains, **filter_state.chains}:
+            for chain in {**nat_state.chains, **filter_state.chains, **filter_state.ensured}:
                 nat.create_chain(chain)
             for argv in rules_of([nat_state, filter_state]):
                 assert encoder.encode(argv) == python_iptables_entry(argv), argv
@@ -356,10 +381,11 @@ def save(tables: list[TableState], applier: IptcApplier) -> str:
 @pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")
 def test_kernel_holds_the_same_rules_either_way(tmp_path: Path) -> None:
     services, endpoints = cluster(60)
-    tables = list(Renderer(CONFIGS["cluster-cidr"]).render(services, endpoints))
-    fast = IptcApplier(str(tmp_path / "lock"), fast=True)
+    cfg, node = CONFIGS["cluster-cidr"]
+    tables = Renderer(cfg).render(services, endpoints, node=node).tables
+    fast = IptcApplier(str(tmp_path / "lock"), samples=sample_rules)
     fast_text = save(tables, fast)
-    slow_text = save(tables, IptcApplier(str(tmp_path / "lock"), fast=False))
+    slow_text = save(tables, IptcApplier(str(tmp_path / "lock")))
     assert fast.encoder is not None
     assert fast.encoder.fallbacks == 0
     assert fast.encoder.encoded >= len(set(rules_of(tables)))  # no cache: repeats re-encode

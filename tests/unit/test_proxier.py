@@ -7,10 +7,11 @@ from typing import Any
 import objects as o
 import pytest
 
+from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.iptables.backend import IptablesBackend
 from pykubeproxy.iptables.render import RenderConfig, Renderer, service_chain
-from pykubeproxy.iptables.ruleset import KeptChainMissing, TableState
+from pykubeproxy.iptables.ruleset import TableState
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import NamespacedName, Protocol, ServicePortName
 from pykubeproxy.proxier import Proxier
@@ -56,6 +57,7 @@ def setup() -> tuple[Proxier, Applier, Runner, Clock]:
         sync_period=30,
         min_sync_period=1,
         clock=clock,
+        conntrack=lambda services, endpoints: None,
     )
     proxier.runner = runner
     return proxier, applier, runner, clock
