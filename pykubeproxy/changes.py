@@ -34,6 +34,7 @@ class ServiceChangeTracker:
     service_map: ServicePortMap = field(default_factory=dict)
     _applied: dict[NamespacedName, ServicePortMap] = field(default_factory=dict)
     _latest: dict[NamespacedName, ServicePortMap] = field(default_factory=dict)
+    changed_ports: set[ServicePortName] = field(default_factory=set)
 
     def update(self, name: NamespacedName, obj: Any | None) -> bool:
         """Record the latest version of a Service (None once deleted)."""
@@ -46,10 +47,16 @@ class ServiceChangeTracker:
         return len(self._latest)
 
     def apply(self) -> set[NamespacedName]:
-        """Make the pending changes current; return the Services that changed."""
+        """Make the pending changes current; return the Services that changed.
+
+        `changed_ports` then names every port, before or after, of those Services.
+        """
         changed = set(self._latest)
+        self.changed_ports = set()
         for name, ports in self._latest.items():
-            for port_name in self._applied.pop(name, {}):
+            before = self._applied.pop(name, {})
+            self.changed_ports |= before.keys() | ports.keys()
+            for port_name in before:
                 del self.service_map[port_name]
             if ports:
                 self._applied[name] = ports

@@ -23,6 +23,10 @@ The rules are upstream's, in its version that compares endpoint IP *and* port:
   serving endpoints. A flow that was never DNATed replies from the frontend itself, so it
   is stale as soon as the Service has an endpoint.
 
+Beyond upstream, flows to a frontend that a deleted (or changed) Service port no longer
+has are deleted too: otherwise a client that keeps its source port keeps reaching the old
+endpoint through a Service that no longer exists.
+
 The netlink socket is opened and closed by each `ConntrackReconciler.reconcile` call, in the
 calling thread: conntrack tables are per network namespace, and so is the flow list read.
 """
@@ -34,6 +38,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any
@@ -59,6 +64,8 @@ _ADDRESS_ATTRS = {
 }
 
 Backend = tuple[IPAddress, int]
+# A Service frontend: (protocol, IP, port), or (protocol, NodePort) on any node address.
+Frontend = tuple[Protocol, IPAddress, int] | tuple[Protocol, int]
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,28 @@ def reconcile_needed(changed_ports: Iterable[ServicePortName]) -> bool:
     return any(name.protocol in RECONCILED_PROTOCOLS for name in changed_ports)
 
 
+def frontends(services: ServicePortMap) -> set[Frontend]:
+    """Every (protocol, IP, port) and (protocol, NodePort) of the reconciled Service ports."""
+    found: set[Frontend] = set()
+    for svc in services.values():
+        if svc.protocol in RECONCILED_PROTOCOLS:
+            found.update(
+                (svc.protocol, ip, svc.port)
+                for ip in (svc.cluster_ip, *svc.load_balancer_ips, *svc.external_ips)
+            )
+            if svc.node_port:
+                found.add((svc.protocol, svc.node_port))
+    return found
+
+
 def stale_flows(
-    services: ServicePortMap, endpoints: EndpointsMap, flows: Iterable[Flow]
+    services: ServicePortMap,
+    endpoints: EndpointsMap,
+    flows: Iterable[Flow],
+    gone: AbstractSet[Frontend] = frozenset(),
 ) -> list[Flow]:
-    """The flows to delete: those kube-proxy's rules (see the module docstring) call stale."""
+    """The flows to delete: those kube-proxy's rules (see the module docstring) call stale,
+    and, beyond upstream, every flow to a frontend of a Service port that is `gone`."""
     by_frontend: dict[tuple[Protocol, IPAddress, int], frozenset[Backend]] = {}
     by_node_port: dict[tuple[Protocol, int], frozenset[Backend]] = {}
     for name, svc in services.items():
@@ -117,6 +142,11 @@ def stale_flows(
             by_node_port[svc.protocol, svc.node_port] = serving
 
     def is_stale(flow: Flow) -> bool:
+        if {
+            (flow.protocol, flow.orig_dst, flow.orig_dst_port),
+            (flow.protocol, flow.orig_dst_port),
+        } & gone:
+            return True
         backend = (flow.reply_src, flow.reply_src_port)
         return any(
             serving is not None and backend not in serving
@@ -134,6 +164,8 @@ class ConntrackReconciler:
 
     def __init__(self, family: socket.AddressFamily = socket.AF_INET) -> None:
         self.family = family
+        # The frontends seen by the last reconcile: flows to those that went are stale.
+        self._frontends: set[Frontend] = set()
 
     def reconcile(self, services: ServicePortMap, endpoints: EndpointsMap) -> ReconcileResult:
         """Delete the stale flows of the calling thread's namespace; never raises.
@@ -142,9 +174,11 @@ class ConntrackReconciler:
         deletes nothing: stale flows then only age out.
         """
         started = time.monotonic()
+        current = frontends(services)
+        gone, self._frontends = self._frontends - current, current
         try:
             with NFCTSocket(nfgen_family=self.family) as nfct:
-                stale = stale_flows(services, endpoints, self._dump(nfct))
+                stale = stale_flows(services, endpoints, self._dump(nfct), gone)
                 deleted = self._delete(nfct, stale)
         except Exception as err:  # a reconcile problem must never fail the sync loop
             log.warning("cannot reconcile conntrack flows: %s: %s", type(err).__name__, err)

@@ -166,7 +166,9 @@ class Proxier:
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
         changed = changed_services | endpoints.changed
-        self._conntrack_due |= reconcile_needed(endpoints.changed_ports)
+        self._conntrack_due |= reconcile_needed(
+            endpoints.changed_ports | self.services.changed_ports
+        )
         try:
             try:
                 self._apply(full, changed)

@@ -181,3 +181,23 @@ def test_a_flow_cached_without_endpoints_goes_once_the_service_has_one(cluster: 
         assert reconcile(node, [empty], {empty.name: serving(a)}) == 1
         assert udp_flows(node) == set()
         assert ask(sock) == "a"
+
+
+def test_flows_of_a_deleted_service_go(cluster: Cluster) -> None:
+    """Beyond upstream: once a UDP Service is gone, no flow keeps reaching its old endpoint."""
+    node, client = cluster.node, cluster.client
+    a, b = cluster.pods["a"], cluster.pods["b"]
+    dnat(node, [(DNS_IP, SERVICE_PORT, a), (OTHER_IP, SERVICE_PORT, b)])
+    dns, other = udp_service("dns", DNS_IP), udp_service("other", OTHER_IP)
+    reconciler = ConntrackReconciler()
+    with closing(fixed_port_socket(client, CLUSTER_IP_CLIENT_PORT, DNS_IP, SERVICE_PORT)) as sock:
+        assert ask(sock) == "a"
+        assert client.udp_request(OTHER_IP, SERVICE_PORT) == "b"
+        both = {dns.name: dns, other.name: other}
+        endpoints = {dns.name: serving(a), other.name: serving(b)}
+        assert node.run_inside(lambda: reconciler.reconcile(both, endpoints)).deleted == 0
+
+        del both[dns.name], endpoints[dns.name]  # the Service is deleted, and its rules
+        dnat(node, [(OTHER_IP, SERVICE_PORT, b)])
+        assert node.run_inside(lambda: reconciler.reconcile(both, endpoints)).deleted == 1
+        assert udp_flows(node) == {(f"{OTHER_IP}:{SERVICE_PORT}", f"{b.ip}:{POD_PORT}")}

@@ -24,12 +24,19 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pykubeproxy import conntrack
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
-from pykubeproxy.conntrack import ConntrackReconciler, Flow, reconcile_needed, stale_flows
+from pykubeproxy.conntrack import (
+    ConntrackReconciler,
+    Flow,
+    frontends,
+    reconcile_needed,
+    stale_flows,
+)
 from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
     NamespacedName,
     Protocol,
+    ServicePort,
     ServicePortMap,
     ServicePortName,
 )
@@ -249,3 +256,16 @@ def test_netlink_errors_are_one_warning(
     assert (result.deleted, result.table_read) == (0, False)
     assert len(caplog.records) == 1
     assert "Operation not permitted" in caplog.records[0].getMessage()
+
+
+def test_flows_to_a_deleted_service_go() -> None:
+    """Beyond upstream: a Service port that is gone leaves no flow behind, DNATed or not."""
+    name = ServicePortName(SERVICE, "dns", Protocol.UDP)
+    svc = ServicePort(name, ip_address(CLUSTER_IP), SERVICE_PORT, node_port=SERVICE_NODE_PORT)
+    flows = [
+        entry(CLUSTER_IP, SERVICE_PORT, SERVING_ENDPOINT_IP, ENDPOINT_PORT, Protocol.UDP),
+        entry(None, SERVICE_NODE_PORT, SERVING_ENDPOINT_IP, ENDPOINT_PORT, Protocol.UDP),
+        entry(CLUSTER_IP, SERVICE_PORT, CLUSTER_IP, SERVICE_PORT, Protocol.UDP),
+        entry(EXTERNAL_IP, SERVICE_PORT, SERVING_ENDPOINT_IP, ENDPOINT_PORT, Protocol.UDP),
+    ]
+    assert stale_flows({}, {}, flows, frontends({name: svc})) == flows[:3]
