@@ -73,6 +73,8 @@ class RenderConfig:
     random_fully: bool = True
     # nf_conntrack_tcp_be_liberal=1 on the node: no INVALID-drop rule (as upstream).
     conntrack_tcp_liberal: bool = False
+    # The ip6tables side of a node: NodePorts never answer on ::1, no localnet guard.
+    ipv6: bool = False
 
     @property
     def mark(self) -> str:
@@ -390,16 +392,17 @@ class Renderer:
             del self._cache[gone]
 
         nat_services = merged.nat_services
+        localhost_nodeports = cfg.localhost_nodeports and not cfg.ipv6
         if node.nodeport_ips is None:
             local: Argv = ("-m", "addrtype", "--dst-type", "LOCAL")
-            if not cfg.localhost_nodeports:
-                local = (*local, "!", "-d", "127.0.0.0/8")
+            if not localhost_nodeports:
+                local = (*local, "!", "-d", "::1/128" if cfg.ipv6 else "127.0.0.0/8")
             nat_services.append((*comment(NODEPORTS_COMMENT), *local, "-j", NODEPORTS))
         else:
             nat_services.extend(
                 (*comment(NODEPORTS_COMMENT), "-d", str(ip), "-j", NODEPORTS)
                 for ip in node.nodeport_ips
-                if cfg.localhost_nodeports or not ip.is_loopback
+                if localhost_nodeports or not ip.is_loopback
             )
 
         mark = cfg.mark
@@ -433,7 +436,7 @@ class Renderer:
             PROXY_FIREWALL: merged.filter_firewall,
             CANARY: [],
         }
-        filt.ensured[FIREWALL] = [localnet_guard()] if cfg.localhost_nodeports else []
+        filt.ensured[FIREWALL] = [localnet_guard()] if localhost_nodeports else []
         return Rendered(nat, filt, no_local)
 
 

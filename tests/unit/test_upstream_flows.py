@@ -38,6 +38,7 @@ def render_config(settings: upstream.Settings) -> RenderConfig:
         masquerade_all=settings.masquerade_all,
         masquerade_bit=int(settings.masquerade_mark, 16).bit_length() - 1,
         localhost_nodeports=settings.localhost_nodeports,
+        ipv6=settings.family == "IPv6",
     )
 
 
@@ -69,25 +70,14 @@ def render(case: upstream.Case) -> Ruleset:
     return parse(restore_text(rendered.tables, with_jumps=True))
 
 
-# Flows the renderer does not get right yet: "case::flow" -> why. Strict, so a fix
-# shows up as a failure here until its entry goes.
-KNOWN_GAPS = {
-    f"TestNodePorts/ipv6, localhost-nodeports {state}::localhost to nodePort is ignored": (
-        "the IPv6 KUBE-NODEPORTS jump lacks upstream's '! -d ::1/128'"
-    )
-    for state in ("enabled", "disabled")
-}
-
 PARAMS = [
     pytest.param(
         case,
         flow,
         id=f"{case.test}::{flow.name}",
-        marks=[pytest.mark.xfail(reason=KNOWN_GAPS[key], strict=True)] if key in KNOWN_GAPS else [],
     )
     for case in upstream.CASES
     for flow in case.flows
-    for key in [f"{case.test}::{flow.name}"]
 ]
 
 
