@@ -261,10 +261,15 @@ def _service_ports(obj: Any, family: Family, owner: str) -> ServicePortMap:
 
 
 def _cidr(value: Any) -> IPNetwork:
+    """A CIDR as upstream parses it (ParseCIDRSloppy): surrounding blanks and leading
+    zeros in IPv4 octets are accepted, host bits are masked off."""
     if not isinstance(value, str):
         raise Invalid(f"CIDR {value!r} is not a string")
+    address, slash, prefix = value.strip().partition("/")
     try:
-        return ip_network(value.strip(), strict=False)
+        if not slash or not prefix.isdigit():
+            raise ValueError(value)
+        return ip_network(f"{parse_ip_sloppy(address)}/{int(prefix)}", strict=False)
     except ValueError:
         raise Invalid(f"{value!r} is not a CIDR") from None
 

@@ -1,4 +1,3 @@
-# ruff: noqa: E501  (one upstream flow per line, names as upstream wrote them)
 """Upstream kube-proxy's packet-flow expectations, with the objects they run against.
 
 Transcribed from kubernetes/kubernetes pkg/proxy/iptables/proxier_test.go (the
