@@ -386,6 +386,7 @@ def node_is_deleting(obj: Any) -> bool:
 
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+NODE_IP_TYPES = ("InternalIP", "ExternalIP")
 
 
 def node_facts(obj: Any, name: str) -> NodeFacts:
@@ -401,7 +402,9 @@ def node_facts(obj: Any, name: str) -> NodeFacts:
     addresses = status.get("addresses") if isinstance(status, Mapping) else None
     found: dict[str, IPAddress] = {}
     for address in addresses if isinstance(addresses, list) else []:
-        if not isinstance(address, Mapping) or address.get("type") in found:
+        if not isinstance(address, Mapping) or address.get("type") not in NODE_IP_TYPES:
+            continue  # Hostname, InternalDNS, ...: names, not addresses
+        if address.get("type") in found:
             continue
         try:
             found[str(address.get("type"))] = _ip(address.get("address"), "node address")

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from pykubeproxy.sandbox.apiserver import ApiServerDouble
-from pykubeproxy.sandbox.netns import Cluster
+from pykubeproxy.sandbox.netns import Cluster, NetNS
 
 NODE_NAME = "node-1"
 API_PORT = 6443
@@ -84,6 +84,32 @@ def endpoint_slice(
         ],
         "ports": [{"name": "p", "port": port, "protocol": protocol}],
     }
+
+
+def http_get(ns: NetNS, url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET a URL from inside a namespace; status 0 (and the error) when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get() -> tuple[int, str]:
+        try:
+            with opener.open(url, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+        except OSError as err:
+            return 0, str(err)
+
+    return ns.run_inside(get, timeout=timeout + 5.0)
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus exposition text as {sample line name with labels: value}."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
 
 
 class Lab:
@@ -188,29 +214,12 @@ class Lab:
 
     def fetch(self, url: str) -> tuple[int, str]:
         """GET a URL from inside the node namespace; status 0 when nothing listens."""
-
-        def get() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    return response.status, response.read().decode()
-            except urllib.error.HTTPError as err:
-                return err.code, err.read().decode()
-            except OSError as err:  # not listening (yet): status 0
-                return 0, str(err)
-
-        return self.cluster.node.run_inside(get)
+        return http_get(self.cluster.node, url)
 
     def metrics(self) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by their exposition line name."""
         status, text = self.fetch(METRICS_URL)
-        if status != 200:
-            return {}
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return samples(text) if status == 200 else {}
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
         status, body = self.fetch(HEALTHZ_URL)

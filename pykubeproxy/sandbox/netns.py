@@ -77,7 +77,10 @@ __all__ = [
     "TcpConn",
     "TrafficTimeout",
     "cleanup_stale",
+    "exit_on_sigterm",
+    "ip_cmd",
     "list_namespaces",
+    "setup_node",
     "spread",
 ]
 
@@ -130,7 +133,7 @@ def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
     return proc
 
 
-def _ip(ns: NetNS, *args: str) -> None:
+def ip_cmd(ns: NetNS, *args: str) -> None:
     """Run `ip -n <ns> ...`: iproute2 enters the namespace itself, nothing runs in the root."""
     _run(["ip", "-n", ns.name, *args])
 
@@ -167,7 +170,7 @@ class NetNS:
         with _live_lock:
             _live[self.name] = self
         try:
-            _ip(self, "link", "set", "lo", "up")
+            ip_cmd(self, "link", "set", "lo", "up")
         except BaseException:
             self.delete()
             raise
@@ -508,16 +511,16 @@ class Cluster:
 
     def start(self) -> Self:
         """Build lan, node and the first client; on any failure remove what was built."""
-        _exit_on_sigterm()
+        exit_on_sigterm()
         try:
             self._lan = NetNS("lan")
-            _ip(self._lan, "link", "add", "lan0", "type", "bridge")
-            _ip(self._lan, "link", "set", "lan0", "up")
+            ip_cmd(self._lan, "link", "add", "lan0", "type", "bridge")
+            ip_cmd(self._lan, "link", "set", "lan0", "up")
             first_client = self.lan_ip(self._next_client)
             self._node = Host("node", self.node_ip)
             self._setup_node()
             node = self._node
-            self._plug(self.lan, "lan0", f"ln{node.octet}", node, self.lan_prefix, first_client)
+            self.plug(self.lan, "lan0", f"ln{node.octet}", node, self.lan_prefix, first_client)
             self.add_client("client")
         except BaseException:
             self.close()
@@ -528,49 +531,24 @@ class Cluster:
         return str(ipaddress.ip_network(f"{self.node_ip}/{self.lan_prefix}", False)[n])
 
     def _setup_node(self) -> None:
-        node = self.node
-        node.sysctl("net.ipv4.ip_forward", 1)
-        # Pod -> ClusterIP -> pod on the same bridge leaves by the interface it came in on;
-        # ICMP redirects would then tell pods to bypass the node (and its DNAT).
-        for dev in ("all", "default"):
-            node.sysctl(f"net.ipv4.conf.{dev}.send_redirects", 0)
-        br = self.bridge
-        _ip(node, "link", "add", br, "address", self.bridge_mac, "type", "bridge")
-        self._enable_bridge_netfilter()
-        _ip(node, "addr", "add", f"{self.gateway_ip}/24", "dev", br)
-        _ip(node, "link", "set", br, "up")
-
-    def _enable_bridge_netfilter(self) -> None:
-        """Make bridged pod<->pod frames traverse the node's iptables (and conntrack).
-
-        Needed so replies of Service traffic between two pods on cbr0 get un-DNATed. The
-        sysctl is per namespace since Linux 5.3; older kernels only have it in the root
-        namespace, where we must not write, so the per-bridge option is used instead.
-        """
-        key = "net.bridge.bridge-nf-call-iptables"
-        try:
-            self.node.sysctl(key, 1)
-        except FileNotFoundError:
-            if not Path("/proc/sys/net/bridge").exists():
-                raise RuntimeError("br_netfilter is not loaded (modprobe br_netfilter)") from None
-            _ip(self.node, "link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "1")
+        setup_node(self.node, self.bridge, self.bridge_mac, f"{self.gateway_ip}/24")
 
     @staticmethod
-    def _plug(
+    def plug(
         sw: NetNS, bridge: str, port: str, host: Host, prefix: int, gateway: str, *port_opts: str
     ) -> None:
         """Wire host's eth0 to a new port of a bridge in namespace sw.
 
         The veth is created directly in its two namespaces, never in the root one.
         """
-        _ip(sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.name)
-        _ip(sw, "link", "set", port, "master", bridge)
+        ip_cmd(sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.name)
+        ip_cmd(sw, "link", "set", port, "master", bridge)
         if port_opts:
-            _ip(sw, "link", "set", port, "type", "bridge_slave", *port_opts)
-        _ip(sw, "link", "set", port, "up")
-        _ip(host, "addr", "add", f"{host.ip}/{prefix}", "dev", "eth0")
-        _ip(host, "link", "set", "eth0", "up")
-        _ip(host, "route", "add", "default", "via", gateway)
+            ip_cmd(sw, "link", "set", port, "type", "bridge_slave", *port_opts)
+        ip_cmd(sw, "link", "set", port, "up")
+        ip_cmd(host, "addr", "add", f"{host.ip}/{prefix}", "dev", "eth0")
+        ip_cmd(host, "link", "set", "eth0", "up")
+        ip_cmd(host, "route", "add", "default", "via", gateway)
 
     def add_client(self, name: str) -> Host:
         """Another outside machine on the lan (198.18.0.3, .4, ...), default route via node."""
@@ -579,7 +557,7 @@ class Cluster:
         client = Host(name, self.lan_ip(self._next_client))
         self._next_client += 1
         try:
-            self._plug(self.lan, "lan0", f"ln{client.octet}", client, self.lan_prefix, self.node_ip)
+            self.plug(self.lan, "lan0", f"ln{client.octet}", client, self.lan_prefix, self.node_ip)
         except BaseException:
             client.delete()
             raise
@@ -595,7 +573,7 @@ class Cluster:
         pod = Pod(name, f"10.244.0.{self._next_pod}")
         self._next_pod += 1
         try:
-            self._plug(
+            self.plug(
                 self.node, self.bridge, pod.host_veth, pod, 24, self.gateway_ip, "hairpin", "on"
             )
         except BaseException:
@@ -611,7 +589,7 @@ class Cluster:
         and tests want the endpoint gone the moment this returns.
         """
         pod = self.pods.pop(name)
-        _ip(self.node, "link", "delete", pod.host_veth)
+        ip_cmd(self.node, "link", "delete", pod.host_veth)
         pod.delete()
 
     def namespaces(self) -> list[NetNS]:
@@ -626,6 +604,31 @@ class Cluster:
         self.pods.clear()
         self.clients.clear()
         self._node = self._lan = None
+
+
+def setup_node(node: NetNS, bridge: str, mac: str, gateway: str) -> None:
+    """Make a namespace a node: forwarding, a pod bridge at `gateway`, br_netfilter.
+
+    Pod -> ClusterIP -> pod on the same bridge leaves by the interface it came in on;
+    ICMP redirects would then tell pods to bypass the node (and its DNAT), so they are
+    off. The bridge gets a fixed MAC (it would take its lowest port's otherwise).
+    Bridged pod<->pod frames must traverse the node's iptables (and conntrack) so that
+    replies of Service traffic between two pods get un-DNATed: the sysctl is per
+    namespace since Linux 5.3; older kernels only have it in the root namespace, where we
+    must not write, so the per-bridge option is used instead.
+    """
+    node.sysctl("net.ipv4.ip_forward", 1)
+    for dev in ("all", "default"):
+        node.sysctl(f"net.ipv4.conf.{dev}.send_redirects", 0)
+    ip_cmd(node, "link", "add", bridge, "address", mac, "type", "bridge")
+    try:
+        node.sysctl("net.bridge.bridge-nf-call-iptables", 1)
+    except FileNotFoundError:
+        if not Path("/proc/sys/net/bridge").exists():
+            raise RuntimeError("br_netfilter is not loaded (modprobe br_netfilter)") from None
+        ip_cmd(node, "link", "set", bridge, "type", "bridge", "nf_call_iptables", "1")
+    ip_cmd(node, "addr", "add", gateway, "dev", bridge)
+    ip_cmd(node, "link", "set", bridge, "up")
 
 
 def spread(fn: Callable[[], str], n: int) -> Counter[str]:
@@ -680,7 +683,7 @@ def _cleanup_live() -> None:
             ns.delete()
 
 
-def _exit_on_sigterm() -> None:
+def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so context managers and atexit still clean up.
 
     Only if nobody installed a handler and we are in the main thread (signal.signal rule).
