@@ -252,3 +252,13 @@ def test_kubelets_firewall_chain_is_shared_never_rewritten(cluster: Cluster, nod
     assert len(chain) == 2 and "localnet" in chain[0] and "kubelet-rule" in chain[1], chain
     jumps = [line for line in node.save().splitlines() if line.endswith("-j KUBE-FIREWALL")]
     assert jumps == ["-A INPUT -j KUBE-FIREWALL", "-A OUTPUT -j KUBE-FIREWALL"]
+
+
+def test_jumps_from_builtin_chains_are_in_upstreams_order(cluster: Cluster, node: Node) -> None:
+    """Each jump is prepended in turn, as upstream's EnsureRule(Prepend): the load balancer
+    firewall, then health checks, then external portals (kubelet's KUBE-FIREWALL jump is
+    shared: where an earlier test left it, it stays)."""
+    save = node.save().splitlines()
+    targets = [line.split()[-1] for line in save if line.startswith("-A INPUT -")]
+    ours = [t for t in targets if t.startswith("KUBE-") and t != "KUBE-FIREWALL"]
+    assert ours == ["KUBE-PROXY-FIREWALL", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"]
