@@ -36,9 +36,12 @@ RUN pip_wheel="$(echo /wheels/pip-*.whl)" \
  && python3 -m venv --without-pip /opt/pykubeproxy \
  && /opt/pykubeproxy/bin/python "$pip_wheel/pip" install --no-index --no-cache-dir \
         --find-links /wheels --constraint /wheels/requirements.lock /wheels/pykubeproxy-*.whl \
- && rm -r /opt/pykubeproxy/lib/python3.11/site-packages/kubernetes/aio
+ && rm -r /opt/pykubeproxy/lib/python3.11/site-packages/kubernetes/aio \
+          /opt/pykubeproxy/lib/python3.11/site-packages/pykubeproxy/sandbox
 # ^ The agent uses kubernetes' synchronous client; the package also ships an asyncio copy of
-#   every API (kubernetes.aio, 68 MB) that nothing imports. The image test runs the agent.
+#   every API (kubernetes.aio, 68 MB) that nothing imports. pykubeproxy.sandbox (the API
+#   double, the netns builder, the VM runner) serves the tests and the demo, and the agent
+#   never imports it (tests/unit/test_packaging.py). The image test runs the agent.
 
 FROM runtime
 COPY --from=install /opt/pykubeproxy /opt/pykubeproxy

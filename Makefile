@@ -34,26 +34,31 @@ bench: setup
 	$(PY) bench/bench_iptables.py
 	$(PY) bench/bench_ipvs.py
 
-# The agent's container image. Python packages come only from a wheelhouse built here at the
-# versions in requirements.lock; the wheelhouse is the build context, so the build itself uses
-# no package index. Without Docker Hub: scripts/make-base-image, then
+# The agent's container image. It needs Docker and Python 3 (with venv) only: none of the
+# test prerequisites `setup` installs. Python packages come only from a wheelhouse built here
+# at the versions in requirements.lock; the wheelhouse is the build context, so the build
+# itself uses no package index. Without Docker Hub: scripts/make-base-image, then
 # `make image BASE_IMAGE=pykubeproxy-base:bookworm`. DOCKER_HOST picks the daemon.
 IMAGE ?= pykubeproxy:dev
 BASE_IMAGE ?= debian:bookworm-slim
 DOCKER ?= docker
 WHEELHOUSE := build/wheelhouse
+BUILD_VENV := build/venv
 
-image: $(PY)
+# Any Python with pip builds the wheelhouse (the image test passes its own as IMAGE_PY=...);
+# by default a venv of its own that holds pip and nothing else.
+IMAGE_PY ?= $(BUILD_VENV)/bin/python
+
+image: $(IMAGE_PY)
 	rm -rf $(WHEELHOUSE)
-	$(PY) -m pip wheel -q . pip --constraint requirements.lock --wheel-dir $(WHEELHOUSE)
+	$(IMAGE_PY) -m pip wheel -q . pip --constraint requirements.lock --wheel-dir $(WHEELHOUSE)
 	cp requirements.lock $(WHEELHOUSE)/
 	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(IMAGE) \
 		--file Dockerfile $(WHEELHOUSE)
 
-# Any Python with pip builds the wheelhouse (the image test passes its own as PY=...); by
-# default the project's venv, made by setup when missing.
-$(PY):
-	$(MAKE) setup
+$(BUILD_VENV)/bin/python:
+	python3 -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install -q --upgrade pip
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -38,9 +38,9 @@ from bench_iptables import cluster, machine, rss_mib, timed
 
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.ipvs.applier import IpvsApplier
-from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
+from pykubeproxy.ipvs.render import IpvsConfig, render, render_tables
 from pykubeproxy.ipvs.state import DUMMY_DEVICE, IPSETS, IpvsState, RealServer, VirtualServer
-from pykubeproxy.model import Endpoint
+from pykubeproxy.model import Endpoint, NodeFacts
 from pykubeproxy.sandbox.netns import NetNS
 from pykubeproxy.sandbox.vm import VmUnavailable, in_vm, run_in_vm
 
@@ -136,11 +136,11 @@ def inside(size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"services": size, "kernel": platform.release()}
     services, endpoints = cluster(size)
 
-    def render() -> IpvsState:
+    def desired() -> IpvsState:
         # No node IPs: the builder's NodePorts add no virtual server, only ClusterIPs do.
-        return render_state(services, endpoints, CONFIG, (), frozenset())
+        return render(services, endpoints, CONFIG, NodeFacts(), (), frozenset()).state
 
-    out["render"], state = timed(render)
+    out["render"], state = timed(desired)
     out["virtual"] = len(state.services)
     out["real"] = sum(len(rs) for rs in state.real_servers.values())
     log(f"{out['virtual']} virtual / {out['real']} real servers rendered in {out['render']:.2f} s")
@@ -158,17 +158,17 @@ def inside(size: int) -> dict[str, Any]:
         if kernel_counts(ns) != (out["virtual"], out["real"]):
             raise RuntimeError(f"after the full sync ipvsadm -Ln shows {kernel_counts(ns)}")
 
-        out["noop"], _ = inside_ns(lambda: applier.apply(render()))
+        out["noop"], _ = inside_ns(lambda: applier.apply(desired()))
         out["noop_writes"] = len(applier.changes)
         log(f"no-op sync: {out['noop']:.1f} s, {out['noop_writes']} kernel writes")
 
         changed = sorted(services, key=str)[size // 2]
         old = endpoints[changed]
         moved = Endpoint(IPv4Address(int(old[0].ip) + 0x100000), old[0].port)  # a new pod IP
-        endpoints = {**endpoints, changed: (moved, *old[1:])}  # render() sees this one now
+        endpoints = {**endpoints, changed: (moved, *old[1:])}  # desired() sees this one now
 
         def change() -> IpvsState:  # as the agent's partial sync does it
-            new = render()
+            new = desired()
             applier.apply(new, full=False)
             return new
 
@@ -232,7 +232,7 @@ def table(r: dict[str, Any]) -> list[Row]:
     n, vs, rs = r["services"], r["virtual"], r["real"]
     cli = r["ref_full"] + r["ref_ipset"] + r["ref_ip"]
     return [
-        Row("render_state (pure)", n, vs, rs, r["render"]),
+        Row("render (pure)", n, vs, rs, r["render"]),
         Row("IPVS applier, first full sync (ipsets + kube-ipvs0 + IPVS)", n, vs, rs, r["full"],
             r["full_writes"]),
         Row("IPVS applier, no-op sync (render + read kernel)", n, vs, rs, r["noop"],

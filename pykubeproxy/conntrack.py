@@ -37,7 +37,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -176,66 +176,91 @@ class ConntrackReconciler:
         started = time.monotonic()
         current = frontends(services)
         gone, self._frontends = self._frontends - current, current
-        try:
-            with NFCTSocket(nfgen_family=self.family) as nfct:
-                stale = stale_flows(services, endpoints, self._dump(nfct), gone)
-                deleted = self._delete(nfct, stale)
-        except Exception as err:  # a reconcile problem must never fail the sync loop
-            log.warning("cannot reconcile conntrack flows: %s: %s", type(err).__name__, err)
-            return ReconcileResult(0, time.monotonic() - started, table_read=False)
+        deleted = delete_flows(
+            lambda flows: stale_flows(services, endpoints, flows, gone),
+            RECONCILED_PROTOCOLS,
+            self.family,
+            "reconcile",
+        )
         seconds = time.monotonic() - started
+        if deleted is None:
+            return ReconcileResult(0, seconds, table_read=False)
         log.debug("conntrack reconcile: %d stale flows deleted in %.3fs", deleted, seconds)
         return ReconcileResult(deleted, seconds)
 
-    def _dump(self, nfct: Any) -> Iterator[Flow]:
-        """The flows of the reconciled protocols, parsed from one dump of the family."""
-        src_attr, dst_attr = _ADDRESS_ATTRS[self.family]
-        wanted = {_PROTOCOL_NUMBERS[p]: p for p in RECONCILED_PROTOCOLS}
-        for msg in nfct.dump():
-            orig, reply = msg.get_attr("CTA_TUPLE_ORIG"), msg.get_attr("CTA_TUPLE_REPLY")
-            orig_ports = orig.get_attr("CTA_TUPLE_PROTO")
-            protocol = wanted.get(orig_ports.get_attr("CTA_PROTO_NUM"))
-            if protocol is None:
-                continue
-            orig_ips, reply_ips = orig.get_attr("CTA_TUPLE_IP"), reply.get_attr("CTA_TUPLE_IP")
-            reply_ports = reply.get_attr("CTA_TUPLE_PROTO")
-            yield Flow(
-                protocol=protocol,
-                orig_src=ip_address(orig_ips.get_attr(src_attr)),
-                orig_src_port=orig_ports.get_attr("CTA_PROTO_SRC_PORT"),
-                orig_dst=ip_address(orig_ips.get_attr(dst_attr)),
-                orig_dst_port=orig_ports.get_attr("CTA_PROTO_DST_PORT"),
-                reply_src=ip_address(reply_ips.get_attr(src_attr)),
-                reply_src_port=reply_ports.get_attr("CTA_PROTO_SRC_PORT"),
-                zone=msg.get_attr("CTA_ZONE") or 0,
-                kernel_id=msg.get_attr("CTA_ID"),
-            )
 
-    def _delete(self, nfct: Any, flows: list[Flow]) -> int:
-        """Delete each flow; one that expired meanwhile is not an error. Returns the count."""
-        deleted = 0
-        failures: list[NetlinkError] = []
-        for flow in flows:
-            orig = NFCTAttrTuple(
-                family=self.family,
-                saddr=str(flow.orig_src),
-                daddr=str(flow.orig_dst),
-                proto=_PROTOCOL_NUMBERS[flow.protocol],
-                sport=flow.orig_src_port,
-                dport=flow.orig_dst_port,
-            )
-            try:
-                nfct.entry("del", tuple_orig=orig, id=flow.kernel_id, zone=flow.zone or None)
-            except NetlinkError as err:
-                if err.code != errno.ENOENT:
-                    failures.append(err)
-                continue
-            log.debug("deleted stale conntrack flow %s", flow)
-            deleted += 1
-        if failures:
-            log.warning(
-                "could not delete %d stale conntrack flows (first error: %s)",
-                len(failures),
-                failures[0],
-            )
-        return deleted
+def delete_flows(
+    pick: Callable[[Iterable[Flow]], Iterable[Flow]],
+    protocols: AbstractSet[Protocol],
+    family: socket.AddressFamily = socket.AF_INET,
+    why: str = "delete",
+) -> int | None:
+    """One dump of the calling thread's table, then a delete of each flow `pick` returns.
+
+    Returns how many were deleted, or None (and one warning) when the table could not be
+    read: without nf_conntrack_netlink or CAP_NET_ADMIN stale flows only age out. Never
+    raises: a conntrack problem must never fail a sync.
+    """
+    try:
+        with NFCTSocket(nfgen_family=family) as nfct:
+            return _delete(nfct, family, list(pick(_dump(nfct, family, protocols))))
+    except Exception as err:
+        log.warning("cannot %s conntrack flows: %s: %s", why, type(err).__name__, err)
+        return None
+
+
+def _dump(
+    nfct: Any, family: socket.AddressFamily, protocols: AbstractSet[Protocol]
+) -> Iterator[Flow]:
+    """The flows of these protocols, parsed from one dump of the family."""
+    src_attr, dst_attr = _ADDRESS_ATTRS[family]
+    wanted = {_PROTOCOL_NUMBERS[p]: p for p in protocols}
+    for msg in nfct.dump():
+        orig, reply = msg.get_attr("CTA_TUPLE_ORIG"), msg.get_attr("CTA_TUPLE_REPLY")
+        orig_ports = orig.get_attr("CTA_TUPLE_PROTO")
+        protocol = wanted.get(orig_ports.get_attr("CTA_PROTO_NUM"))
+        if protocol is None:
+            continue
+        orig_ips, reply_ips = orig.get_attr("CTA_TUPLE_IP"), reply.get_attr("CTA_TUPLE_IP")
+        reply_ports = reply.get_attr("CTA_TUPLE_PROTO")
+        yield Flow(
+            protocol=protocol,
+            orig_src=ip_address(orig_ips.get_attr(src_attr)),
+            orig_src_port=orig_ports.get_attr("CTA_PROTO_SRC_PORT"),
+            orig_dst=ip_address(orig_ips.get_attr(dst_attr)),
+            orig_dst_port=orig_ports.get_attr("CTA_PROTO_DST_PORT"),
+            reply_src=ip_address(reply_ips.get_attr(src_attr)),
+            reply_src_port=reply_ports.get_attr("CTA_PROTO_SRC_PORT"),
+            zone=msg.get_attr("CTA_ZONE") or 0,
+            kernel_id=msg.get_attr("CTA_ID"),
+        )
+
+
+def _delete(nfct: Any, family: socket.AddressFamily, flows: list[Flow]) -> int:
+    """Delete each flow; one that expired meanwhile is not an error. Returns the count."""
+    deleted = 0
+    failures: list[NetlinkError] = []
+    for flow in flows:
+        orig = NFCTAttrTuple(
+            family=family,
+            saddr=str(flow.orig_src),
+            daddr=str(flow.orig_dst),
+            proto=_PROTOCOL_NUMBERS[flow.protocol],
+            sport=flow.orig_src_port,
+            dport=flow.orig_dst_port,
+        )
+        try:
+            nfct.entry("del", tuple_orig=orig, id=flow.kernel_id, zone=flow.zone or None)
+        except NetlinkError as err:
+            if err.code != errno.ENOENT:
+                failures.append(err)
+            continue
+        log.debug("deleted conntrack flow %s", flow)
+        deleted += 1
+    if failures:
+        log.warning(
+            "could not delete %d conntrack flows (first error: %s)",
+            len(failures),
+            failures[0],
+        )
+    return deleted

@@ -1,9 +1,12 @@
 """kube-proxy's /healthz and /livez: healthy while no queued update is stale.
 
-A sync that is queued but not done within `timeout` (twice the sync period)
-makes the proxy unhealthy; `/healthz` also reports whether the node is
-eligible for load-balancer traffic (not being deleted). The JSON is written
-the way kube-proxy's Go code prints it, time format included.
+As upstream's ProxyHealthServer (pkg/proxy/healthcheck/proxy_health.go, v1.34): a sync that
+is queued but not done within `timeout` (twice the sync period) makes the proxier of that IP
+family unhealthy; `/healthz` also reports whether the node is eligible for load-balancer
+traffic (not being deleted), `/livez` does not. The body is upstream's JSON: the overall
+``lastUpdated`` (now, while healthy), ``currentTime``, ``nodeEligible`` (healthz only),
+``healthy`` and the per-family ``status``, times in RFC 3339 with nanoseconds as Go's
+JSON encoder writes them. The agent's start counts as its first update.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from pykubeproxy.metrics import Metrics
+from pykubeproxy.metrics import IP_FAMILY, Metrics
 from pykubeproxy.web import Response, Routes
 
 
-def go_time(wall: float, monotonic_offset: float) -> str:
-    """A Go time.Time's String() form, as kube-proxy's healthz JSON shows it."""
-    moment = datetime.fromtimestamp(wall, UTC)
-    nanos = round((wall % 1) * 1e9) % 1_000_000_000
-    stamp = moment.strftime("%Y-%m-%d %H:%M:%S") + f".{nanos:09d}".rstrip("0").rstrip(".")
-    return f"{stamp} +0000 UTC m=+{monotonic_offset:.9f}"
+def go_json_time(wall: float) -> str:
+    """A time as Go's time.Time marshals to JSON (RFC 3339, nanoseconds, zeros trimmed).
+
+    A float Unix time holds microseconds, not nanoseconds: the digits below are zeros.
+    """
+    whole = int(wall // 1)
+    nanos = round((wall - whole) * 1e6) * 1000
+    if nanos == 1_000_000_000:
+        whole, nanos = whole + 1, 0
+    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f".{nanos:09d}".rstrip("0").rstrip(".")
+    return f"{stamp}{fraction}Z"
 
 
 class ProxyHealth:
@@ -34,13 +44,14 @@ class ProxyHealth:
         timeout: float,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        ip_family: str = IP_FAMILY,
     ) -> None:
         self.timeout = timeout
         self.metrics = metrics
+        self.ip_family = ip_family
         self._clock = clock
-        self._started = clock()
         self._lock = threading.Lock()
-        self._last_updated: float | None = None
+        self._last_updated = clock()
         self._oldest_queued: float | None = None
         self.node_eligible = True
 
@@ -55,31 +66,28 @@ class ProxyHealth:
             self._oldest_queued = None
 
     def is_healthy(self) -> tuple[bool, float, float]:
-        """(healthy, lastUpdated, now), kube-proxy's isHealthy()."""
+        """(healthy, lastUpdated, now), upstream's Health() for this agent's one family."""
         now = self._clock()
         with self._lock:
-            last = self._last_updated if self._last_updated is not None else self._started
+            last = self._last_updated
             stale = self._oldest_queued is not None and now - self._oldest_queued >= self.timeout
         return not stale, last, now
 
-    def _stamp(self, wall: float) -> str:
-        return go_time(wall, wall - self._started)
-
     def _answer(self, with_node: bool) -> Response:
         healthy, last, now = self.is_healthy()
+        ok = healthy and (self.node_eligible or not with_node)
+        # Upstream reports a recent lastUpdated while healthy, for older clients' sake.
+        body: dict[str, Any] = {
+            "lastUpdated": go_json_time(now if ok else last),
+            "currentTime": go_json_time(now),
+        }
         if with_node:
-            healthy = healthy and self.node_eligible
-        if healthy:
-            last = now  # kube-proxy reports a recent lastUpdated while healthy
-        code = 200 if healthy else 503
+            body["nodeEligible"] = self.node_eligible
+        body["healthy"] = healthy
+        body["status"] = {self.ip_family: {"lastUpdated": go_json_time(last), "healthy": healthy}}
+        code = 200 if ok else 503
         (self.metrics.healthz if with_node else self.metrics.livez).labels(str(code)).inc()
-        body = (
-            f'{{"lastUpdated": {json.dumps(self._stamp(last))},'
-            f'"currentTime": {json.dumps(self._stamp(now))}'
-        )
-        if with_node:
-            body += f', "nodeEligible": {json.dumps(self.node_eligible)}'
-        return code, "application/json", (body + "}").encode()
+        return code, "application/json", json.dumps(body, separators=(",", ":")).encode()
 
     def healthz(self) -> Response:
         return self._answer(with_node=True)

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -47,6 +50,42 @@ class RetryableError(Exception):
     def __init__(self, message: str, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class RateLimiter:
+    """client-go's token bucket: `qps` requests per second on average, `burst` at once.
+
+    Every API request of the agent waits here first (clientConnection.qps and burst, as
+    upstream's client honours them); a qps of 0 or less does not limit.
+    """
+
+    def __init__(
+        self,
+        qps: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.qps, self.burst = qps, max(burst, 1)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(self.burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if self.qps <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1
+            delay = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if delay > 0:
+            self._sleep(delay)
+
+
+UNLIMITED = RateLimiter(0, 1)
 
 
 def api_client(kubeconfig: str, master: str) -> Any:
@@ -111,8 +150,10 @@ class Reflector:
         handler: Handler,
         on_synced: Callable[[], None],
         stop: threading.Event,
+        limiter: RateLimiter = UNLIMITED,
     ) -> None:
         self.client = client
+        self.limiter = limiter
         self.kind = kind
         self.handler = handler
         self.on_synced = on_synced
@@ -163,6 +204,7 @@ class Reflector:
         """The raw HTTP response of a list or watch call (JSON is parsed by the caller)."""
         method = getattr(getattr(kubernetes.client, self.kind.api)(self.client), self.kind.method)
         query = {k: v for k, v in query.items() if v not in ("", None)}
+        self.limiter.wait()
         try:
             return method(
                 label_selector=self.kind.label_selector,
@@ -268,3 +310,76 @@ def _lines(response: Any) -> Iterator[bytes]:
         raise ConnectionError(f"watch stream broken: {err}") from None
     if buffer.strip():
         yield buffer
+
+
+# --- start-up requests ---------------------------------------------------------------------
+
+REPORTING_CONTROLLER = "kube-proxy"
+
+
+def node_event(
+    node_name: str, type_: str, reason: str, note: str = "", when: datetime | None = None
+) -> dict[str, Any]:
+    """An events.k8s.io/v1 Event about this node, as upstream's recorder makes them.
+
+    client-go's event recorder (tools/events) fills it in: the Node as ``regarding`` (its
+    UID is the node name, as kube-proxy sets it), action ``StartKubeProxy`` (kube-proxy's
+    only one), in the ``default`` namespace since a Node has none, named after the node and
+    the time in nanoseconds, reported by ``kube-proxy-<hostname>``.
+    """
+    when = when or datetime.now(UTC)
+    nanos = int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+    return {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": f"{node_name}.{nanos:x}", "namespace": "default"},
+        "eventTime": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "reportingController": REPORTING_CONTROLLER,
+        "reportingInstance": f"{REPORTING_CONTROLLER}-{socket.gethostname()}",
+        "action": "StartKubeProxy",
+        "reason": reason,
+        "regarding": {"kind": "Node", "name": node_name, "uid": node_name},
+        "note": note,
+        "type": type_,
+    }
+
+
+def starting_event(node_name: str) -> dict[str, Any]:
+    """upstream's ``birthCry``: Normal, reason Starting, no note."""
+    return node_event(node_name, "Normal", "Starting")
+
+
+def read_only_sysfs_event(node_name: str) -> dict[str, Any]:
+    """The warning upstream posts when /sys is read-only and the conntrack hash table could
+    not be grown (its reason is the error's name)."""
+    return node_event(
+        node_name,
+        "Warning",
+        "readOnlySysFS",
+        "/sys is read-only: the conntrack hash size was not raised with nf_conntrack_max",
+    )
+
+
+def post_event(client: Any, event: dict[str, Any], limiter: RateLimiter = UNLIMITED) -> None:
+    """Create an Event (events.k8s.io/v1); raises the API's error."""
+    limiter.wait()
+    api: Any = kubernetes.client.EventsV1Api(client)  # raw dicts, not the generated models
+    api.create_namespaced_event(
+        event["metadata"]["namespace"],
+        event,
+        _preload_content=False,
+        _request_timeout=(CONNECT_TIMEOUT, 30),
+    )
+
+
+def get_node(client: Any, name: str, limiter: RateLimiter = UNLIMITED) -> dict[str, Any] | None:
+    """This node's Node object (None when absent), listed by name as the Node watch is."""
+    limiter.wait()
+    api: Any = kubernetes.client.CoreV1Api(client)
+    response = api.list_node(
+        field_selector=f"metadata.name={name}",
+        _preload_content=False,
+        _request_timeout=(CONNECT_TIMEOUT, 30),
+    )
+    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+    return items[0] if items else None

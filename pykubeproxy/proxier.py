@@ -11,6 +11,7 @@ chains): that is how external damage is repaired.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +25,13 @@ from pykubeproxy.conntrack import ConntrackReconciler, reconcile_needed
 from pykubeproxy.convert import node_facts, node_is_deleting, slice_service
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.metrics import Metrics
-from pykubeproxy.model import EndpointsMap, NamespacedName, NodeFacts, ServicePortMap
+from pykubeproxy.model import (
+    EndpointsMap,
+    IPAddress,
+    NamespacedName,
+    NodeFacts,
+    ServicePortMap,
+)
 from pykubeproxy.topology import local_ready_endpoints
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         conntrack: Reconcile | None = None,
         health_checks: HealthChecks | None = None,
+        node_ip: IPAddress | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
@@ -79,7 +87,9 @@ class Proxier:
         self._last_full: float | None = None
         self._failures = 0
         self._slice_owner: dict[str, NamespacedName] = {}
-        self.node = NodeFacts(node_name)
+        self.node = NodeFacts(node_name, ip=node_ip)
+        # upstream's bindAddress: this node's primary IP, whatever the Node object says.
+        self.node_ip = node_ip
 
     # --- event handlers (watch threads) -------------------------------------------------
 
@@ -129,6 +139,8 @@ class Proxier:
             log.info("node %s: eligible=%s", key.lstrip("/"), eligible)
         self.health.node_eligible = eligible
         facts = node_facts(obj, self.node.name)
+        if self.node_ip is not None:
+            facts = dataclasses.replace(facts, ip=self.node_ip)
         with self._lock:
             changed = facts != self.node
             if changed:

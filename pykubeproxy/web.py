@@ -1,13 +1,14 @@
 """A tiny threaded HTTP server for the health and metrics endpoints.
 
-Both kube-proxy endpoints are plain GETs answered from memory, so the standard
-library server is enough; each route is a function returning the response.
+Both kube-proxy servers answer plain GETs from memory, so the standard library server is
+enough; each route is a function returning the response.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,9 +26,10 @@ def parse_bind_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port_text)
 
 
-def serve(address: str, routes: Routes, name: str) -> ThreadingHTTPServer:
-    """Start serving `routes` on `address` in a daemon thread."""
+RETRY_INTERVAL = 5.0  # upstream retries a server that failed to start every 5s
 
+
+def _handler(routes: Routes, name: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             route = routes.get(self.path.split("?", 1)[0])
@@ -44,9 +46,45 @@ def serve(address: str, routes: Routes, name: str) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:
             log.debug("%s: " + format, name, *args)
 
-    host, port = parse_bind_address(address)
-    server = ThreadingHTTPServer((host, port), Handler)
+    return Handler
+
+
+def _start(host: str, port: int, routes: Routes, name: str) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _handler(routes, name))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
     log.info("serving %s on %s:%d", name, host, server.server_address[1])
     return server
+
+
+def serve(
+    address: str, routes: Routes, name: str, *, hard_fail: bool = True
+) -> ThreadingHTTPServer | None:
+    """Serve `routes` on `address` in a daemon thread; an empty address serves nothing.
+
+    A port that cannot be bound raises with `hard_fail` (upstream's bindAddressHardFail);
+    otherwise it is logged and retried in the background every 5s, as upstream does.
+    """
+    if not address:
+        log.info("%s server disabled (empty bind address)", name)
+        return None
+    host, port = parse_bind_address(address)
+    try:
+        return _start(host, port, routes, name)
+    except OSError as err:
+        if hard_fail:
+            raise OSError(f"starting {name} server on {address} failed: {err}") from None
+        log.error("starting %s server on %s failed: %s; retrying every %.0fs",
+                  name, address, err, RETRY_INTERVAL)  # fmt: skip
+
+    def retry() -> None:
+        while True:
+            time.sleep(RETRY_INTERVAL)
+            try:
+                _start(host, port, routes, name)
+                return
+            except OSError as err:
+                log.error("starting %s server on %s failed: %s", name, address, err)
+
+    threading.Thread(target=retry, name=f"{name}-retry", daemon=True).start()
+    return None

@@ -27,7 +27,8 @@ import iptc
 from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.iptables.encoder import EntryEncoder
 from pykubeproxy.iptables.iptc_rules import built_entry
-from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, is_owned, rule_identity
+from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, rule_identity
+from pykubeproxy.ownership import is_owned
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,9 @@ class IptcApplier:
             ]
             for index in reversed(doomed):
                 table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle)
-        for jump in reversed(state.jumps):
+        # Each missing jump is prepended in turn, as upstream's EnsureRule(Prepend) does, so
+        # a built-in chain ends up with them in the reverse of `state.jumps`' order.
+        for jump in state.jumps:
             present = {_jump_identity(entry, table) for entry in iter_entries(table, jump.chain)}
             if jump.identity not in present:
                 table.insert_entry(jump.chain, self._entry(jump.argv), 0)

@@ -12,6 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
+from pykubeproxy.iptables.common import (
+    comment,
+    commented_jump,
+    forward_jump,
+    forward_rules,
+    mark_masq_rules,
+    masquerade_mark,
+    nat_jumps,
+    postrouting_rules,
+)
 from pykubeproxy.iptables.ruleset import (
     CANARY,
     EXTERNAL_SERVICES,
@@ -78,7 +88,7 @@ class RenderConfig:
 
     @property
     def mark(self) -> str:
-        return f"{1 << self.masquerade_bit:#x}"
+        return masquerade_mark(self.masquerade_bit)
 
 
 def service_chain(name: ServicePortName, prefix: str = "KUBE-SVC-") -> str:
@@ -87,10 +97,6 @@ def service_chain(name: ServicePortName, prefix: str = "KUBE-SVC-") -> str:
 
 def endpoint_chain(name: ServicePortName, endpoint: Endpoint) -> str:
     return "KUBE-SEP-" + chain_hash(f"{name}{name.protocol.value}{endpoint.address}")
-
-
-def comment(text: str) -> Argv:
-    return ("-m", "comment", "--comment", text)
 
 
 def probability(n: int) -> str:
@@ -278,10 +284,7 @@ def jump_rules() -> tuple[list[Jump], list[Jump]]:
     removes: they are kubelet's as much as ours (iptablesKubeletJumpChains).
     """
     new = ("-m", "conntrack", "--ctstate", "NEW")
-
-    def jump(chain: str, text: str, target: str, extra: Argv = ()) -> Jump:
-        return Jump(chain, (*extra, *comment(text), "-j", target))
-
+    jump = commented_jump
     portals = "kubernetes service portals"
     external = "kubernetes externally-visible service portals"
     lb_firewall = "kubernetes load balancer firewall"
@@ -291,19 +294,14 @@ def jump_rules() -> tuple[list[Jump], list[Jump]]:
         jump("INPUT", "kubernetes health check service ports", NODEPORTS),
         jump("FORWARD", portals, SERVICES, new),
         jump("OUTPUT", portals, SERVICES, new),
-        jump("FORWARD", "kubernetes forwarding rules", FORWARD),
+        forward_jump(),
         jump("INPUT", lb_firewall, PROXY_FIREWALL, new),
         jump("OUTPUT", lb_firewall, PROXY_FIREWALL, new),
         jump("FORWARD", lb_firewall, PROXY_FIREWALL, new),
         Jump("INPUT", ("-j", FIREWALL), shared=True),
         Jump("OUTPUT", ("-j", FIREWALL), shared=True),
     ]
-    nat_jumps = [
-        jump("OUTPUT", portals, SERVICES),
-        jump("PREROUTING", portals, SERVICES),
-        jump("POSTROUTING", "kubernetes postrouting rules", POSTROUTING),
-    ]
-    return nat_jumps, filter_jumps
+    return nat_jumps(), filter_jumps
 
 
 def localnet_guard() -> Argv:
@@ -405,33 +403,18 @@ class Renderer:
                 if localhost_nodeports or not ip.is_loopback
             )
 
-        mark = cfg.mark
-        masquerade: Argv = ("-j", "MASQUERADE", *(("--random-fully",) if cfg.random_fully else ()))
-        marked = ("-m", "mark", "--mark", f"{mark}/{mark}")
         nat.chains = {
             SERVICES: nat_services,
             NODEPORTS: merged.nat_nodeports,
-            POSTROUTING: [
-                ("-m", "mark", "!", *marked[2:], "-j", "RETURN"),
-                ("-j", "MARK", "--xor-mark", mark),
-                (*comment("kubernetes service traffic requiring SNAT"), *masquerade),
-            ],
-            MARK_MASQ: [("-j", "MARK", "--or-mark", mark)],
+            POSTROUTING: postrouting_rules(cfg.mark, cfg.random_fully),
+            MARK_MASQ: mark_masq_rules(cfg.mark),
             CANARY: [],
             **service_chains,
         }
-        established = ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED")
-        forward: list[Argv] = []
-        if not cfg.conntrack_tcp_liberal:
-            forward.append(("-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"))
-        forward += [
-            (*comment("kubernetes forwarding rules"), *marked, "-j", "ACCEPT"),
-            (*comment("kubernetes forwarding conntrack rule"), *established, "-j", "ACCEPT"),
-        ]
         filt.chains = {
             SERVICES: merged.filter_services,
             EXTERNAL_SERVICES: merged.filter_external,
-            FORWARD: forward,
+            FORWARD: forward_rules(cfg.mark, drop_invalid=not cfg.conntrack_tcp_liberal),
             NODEPORTS: merged.filter_nodeports,
             PROXY_FIREWALL: merged.filter_firewall,
             CANARY: [],

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 Argv = tuple[str, ...]
 
-# Chains the agent owns by name (in either mode), and the prefixes of its per-Service chains.
+# Chains the agent owns by name in iptables mode (SERVICES, POSTROUTING, MARK_MASQ, FORWARD
+# and PROXY_FIREWALL are the other proxy mode's too; pykubeproxy/ownership.py joins both
+# modes' names), and the prefixes of the per-Service chains.
 SERVICES = "KUBE-SERVICES"
 EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 NODEPORTS = "KUBE-NODEPORTS"
@@ -27,12 +29,6 @@ PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 # flushes or deletes it, and never removes the jumps to it (upstream does the same).
 FIREWALL = "KUBE-FIREWALL"
 CANARY = "KUBE-PROXY-CANARY"
-# IPVS mode's chains (it shares SERVICES, POSTROUTING, MARK_MASQ, FORWARD, PROXY_FIREWALL).
-NODE_PORT = "KUBE-NODE-PORT"
-LOAD_BALANCER = "KUBE-LOAD-BALANCER"
-SOURCE_RANGES_FIREWALL = "KUBE-SOURCE-RANGES-FIREWALL"
-IPVS_FILTER = "KUBE-IPVS-FILTER"
-IPVS_OUT_FILTER = "KUBE-IPVS-OUT-FILTER"
 OWNED_CHAINS = frozenset(
     {
         SERVICES,
@@ -43,19 +39,9 @@ OWNED_CHAINS = frozenset(
         FORWARD,
         PROXY_FIREWALL,
         CANARY,
-        NODE_PORT,
-        LOAD_BALANCER,
-        SOURCE_RANGES_FIREWALL,
-        IPVS_FILTER,
-        IPVS_OUT_FILTER,
     }
 )
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
-
-
-def is_owned(chain: str) -> bool:
-    """Whether the agent created this chain (kubelet's KUBE-* chains are not ours)."""
-    return chain in OWNED_CHAINS or chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
 def chain_hash(text: str) -> str:

@@ -19,19 +19,31 @@ general enough to explain the rules of a live node:
 - Packet marks are tracked (``MARK``, ``-m mark``), so masquerading is what
   KUBE-POSTROUTING really does; upstream infers it from any KUBE-MARK-MASQ jump.
 - ``-m statistic`` forks the trace: both outcomes are followed, so the result
-  is the set of every endpoint a connection may reach. ``-m recent --rcheck``
-  never matches (a new client has no affinity entry), as in upstream's tracer;
-  conntrack state is NEW, plus DNAT once the destination was rewritten.
-- A match or target the tracer does not understand (``-m set``, ``-i``, ``LOG``
-  …) is never skipped silently: matches fork (both outcomes are followed) and
-  every such assumption is listed in the result.
+  is the set of every endpoint a connection may reach, and each path carries
+  its probability: the chance of reaching an endpoint through a chain of
+  ``--probability`` rules is the product along its path (1/3 each for three).
+- ``-m recent --rcheck`` matches only for a client listed in the kernel's
+  ``xt_recent`` entries given in `NodeState`; with none given a client is new
+  and has no affinity entry, as in upstream's tracer. Conntrack state is NEW,
+  plus DNAT once the destination was rewritten.
+- What the rules depend on besides the packet comes from `NodeState`, read from
+  the kernel by the caller or derived from a rendered state: ipset members
+  (``-m set``), ``-m recent`` entries (session affinity), and IPVS virtual
+  services. With IPVS services the hooks follow IPVS mode's kernel path: a
+  received packet for a virtual service passes filter INPUT, IPVS picks a real
+  server at LOCAL_IN and sends it on through filter OUTPUT and nat POSTROUTING;
+  a locally sent one meets IPVS between nat OUTPUT and filter OUTPUT (the
+  ip_vs hook priorities in net/netfilter/ipvs/ip_vs_core.c).
+- A match or target the tracer does not understand (``-i``, ``LOG``, a set it
+  was not given …) is never skipped silently: matches fork (both outcomes are
+  followed) and every such assumption is listed in the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import ip_address, ip_network
@@ -47,10 +59,12 @@ BUILTIN_CHAINS = {
 VERDICTS = ("ACCEPT", "DROP", "REJECT")
 # Options that take no value; every other option takes one (--match-set takes two).
 FLAG_OPTIONS = {"--rcheck", "--set", "--update", "--remove", "--reap", "--rsource", "--rdest",
-                "--rttl", "--random-fully", "--random", "--persistent"}  # fmt: skip
+                "--rttl", "--random-fully", "--random", "--persistent", "--physdev-is-in",
+                "--physdev-is-out", "--physdev-is-bridged", "--ipvs"}  # fmt: skip
 # Options that only qualify another one of their module (its name, timeout, …).
 QUALIFIERS = {"--name", "--seconds", "--reap", "--rsource", "--rdest", "--mask", "--hitcount",
               "--rttl", "--probability", "--every", "--packet"}  # fmt: skip
+IP_PROTOCOLS = {"6": "tcp", "17": "udp", "132": "sctp"}
 MAX_DEPTH = 64
 
 
@@ -86,6 +100,11 @@ class Rule:
     def option(self, name: str) -> str | None:
         return next((value for key, value in self.target_options if key == name), None)
 
+    def value(self, module: str, option: str) -> str | None:
+        """The first value of a match option of `module` (e.g. the ``--name`` of recent)."""
+        found = (m for m in self.matches if m.module == module and m.option == option)
+        return next((m.values[0] for m in found if m.values), None)
+
 
 @dataclass
 class Chain:
@@ -101,6 +120,12 @@ class Ruleset:
 
     def chain(self, table: str, name: str) -> Chain | None:
         return self.tables.get(table, {}).get(name)
+
+    def rules(self, table: str) -> Iterator[tuple[str, int, Rule]]:
+        """(chain, rule number, rule) for every rule of a table."""
+        for name, chain in self.tables.get(table, {}).items():
+            for number, rule in enumerate(chain.rules, 1):
+                yield name, number, rule
 
 
 def parse(text: str, into: Ruleset | None = None) -> Ruleset:
@@ -202,17 +227,102 @@ def _value_count(option: str, args: list[str], at: int) -> int:
 
 @dataclass(frozen=True)
 class Packet:
-    """The first packet of a new connection."""
+    """The first packet of a new connection.
+
+    `bridged` says whether it entered the node through a bridge port (a pod behind
+    the node's bridge): what ``-m physdev`` tests. None when unknown.
+    """
 
     source: IPAddress
     destination: IPAddress
     port: int
     protocol: str = "tcp"
+    bridged: bool | None = None
+
+
+@dataclass(frozen=True)
+class IpSet:
+    """An ipset as ``ipset list`` shows it: its type and its members' text."""
+
+    type: str
+    members: frozenset[str]
+
+    def contains(self, values: tuple[IPAddress | int, ...], protocol: str) -> bool:
+        """Whether the tuple the match dimensions picked (address or port each) is a member."""
+        return any(_member_holds(self.type, m, values, protocol) for m in self.members)
+
+
+def _member_holds(
+    set_type: str, member: str, values: tuple[IPAddress | int, ...], protocol: str
+) -> bool:
+    """One member against the packet's values, dimension by dimension of the set type."""
+    parts = member.split(",")
+    kinds = set_type.partition(":")[2].split(",")
+    if len(parts) != len(kinds) or len(values) < len(kinds):
+        return False
+    return all(
+        _part_holds(kind, part, value, protocol, any_protocol=set_type == "bitmap:port")
+        for kind, part, value in zip(kinds, parts, values, strict=False)
+    )
+
+
+def _part_holds(
+    kind: str, part: str, value: IPAddress | int, protocol: str, *, any_protocol: bool
+) -> bool:
+    """``ip`` equal, ``net`` containing, ``port`` equal (``proto:port``, tcp when bare;
+    a bitmap:port set holds ports of every protocol)."""
+    if kind == "port":
+        proto, _, number = part.rpartition(":")
+        return number == str(value) and (any_protocol or (proto or "tcp") == protocol)
+    if isinstance(value, int):
+        return False
+    if kind == "ip":
+        return ip_address(part) == value
+    return kind == "net" and _in(value, part)
+
+
+@dataclass(frozen=True)
+class RealServer:
+    """One real server of an IPVS virtual service: ``ip:port`` and its weight."""
+
+    address: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """An IPVS virtual service: how it schedules and where it sends new connections."""
+
+    scheduler: str
+    real_servers: tuple[RealServer, ...]
+    persistent_seconds: int | None = None
+
+
+VirtualKey = tuple[IPAddress, int, str]  # address, port, protocol ("tcp")
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What the node holds besides its rules that decides where a packet goes.
+
+    `ipsets`: sets by name (a set not listed is unknown: its matches fork).
+    `recent`: xt_recent list name → the addresses in it (a list not listed is empty).
+    `virtual_services`: IPVS services; None when the node runs no IPVS (then IPVS
+    does not take part and ``-m ipvs`` is not understood).
+    """
+
+    ipsets: Mapping[str, IpSet] = field(default_factory=dict)
+    recent: Mapping[str, frozenset[IPAddress]] = field(default_factory=dict)
+    virtual_services: Mapping[VirtualKey, VirtualService] | None = None
 
 
 @dataclass(frozen=True)
 class Step:
-    """One rule the packet matched: where it is and what it says."""
+    """One rule the packet matched: where it is and what it says.
+
+    IPVS's choice of a real server is a step too, in table "ipvs", chain the
+    virtual service, number the real server's position.
+    """
 
     table: str
     chain: str
@@ -230,6 +340,9 @@ class Path:
     masquerade: bool = False
     accepted_by_rule: bool = False
     assumptions: tuple[str, ...] = ()
+    # The chance of this path among those with the same assumptions.
+    probability: float = 1.0
+    virtual_service: str | None = None  # the IPVS service that picked the destination
 
     @property
     def output(self) -> str:
@@ -246,7 +359,7 @@ class TraceResult:
     @property
     def outputs(self) -> tuple[str, ...]:
         """Distinct outcomes: endpoints in address order, then verdicts."""
-        return tuple(sorted({p.output for p in self.paths if p.output}, key=_output_order))
+        return tuple(sorted({p.output for p in self.paths if p.output}, key=output_order))
 
     @property
     def output(self) -> str:
@@ -268,16 +381,17 @@ class TraceResult:
         return tuple(dict.fromkeys(a for p in self.paths for a in p.assumptions))
 
 
-def _output_order(output: str) -> tuple[int, int, int, str]:
+def output_order(output: str) -> tuple[int, int, int, str]:
     """Endpoints by IP version, address and port; then the verdict words (as "version 7")."""
-    endpoint = _split_destination(output)
+    endpoint = split_destination(output)
     if endpoint is None:
         return (7, 0, 0, output)
     ip, port = endpoint
     return (ip.version, int(ip), port or 0, output)
 
 
-def _split_destination(text: str) -> tuple[IPAddress, int | None] | None:
+def split_destination(text: str) -> tuple[IPAddress, int | None] | None:
+    """``ip``, ``ip:port`` or ``[ipv6]:port`` as (address, port); None if it is not one."""
     host, _, port = text.rpartition(":") if text.count(":") == 1 or "]" in text else (text, "", "")
     try:
         return ip_address(host.strip("[]")), int(port) if port else None
@@ -293,6 +407,15 @@ class _Match(Enum):
 
 
 @dataclass(frozen=True)
+class _Verdict:
+    """Whether a rule matches: no, or yes once its unknown matches hold and its dice say so."""
+
+    no: bool = False
+    unknown: tuple[str, ...] = ()
+    chance: float | None = None  # a statistic match's probability of matching
+
+
+@dataclass(frozen=True)
 class _State:
     """A packet on one path: what rules may have rewritten, and what happened to it."""
 
@@ -305,17 +428,25 @@ class _State:
     accepted_by_rule: bool = False
     steps: tuple[Step, ...] = ()
     assumptions: tuple[str, ...] = ()
+    probability: float = 1.0
+    virtual_service: VirtualKey | None = None
 
     def assume(self, text: str) -> _State:
         return dataclasses.replace(self, assumptions=(*self.assumptions, text))
+
+    def scaled(self, factor: float) -> _State:
+        return dataclasses.replace(self, probability=self.probability * factor)
 
 
 LocalAddresses = Callable[[IPAddress], bool] | Collection[str | IPAddress]
 
 
-def trace(ruleset: Ruleset, packet: Packet, local: LocalAddresses) -> TraceResult:
-    """Every way `packet` can go through `ruleset` on a node whose own addresses are `local`."""
-    return _Tracer(ruleset, packet, _local_predicate(local)).run()
+def trace(
+    ruleset: Ruleset, packet: Packet, local: LocalAddresses, node: NodeState | None = None
+) -> TraceResult:
+    """Every way `packet` can go through `ruleset` on a node whose own addresses are `local`
+    and whose sets, affinity entries and IPVS services are `node`."""
+    return _Tracer(ruleset, packet, _local_predicate(local), node or NodeState()).run()
 
 
 def _local_predicate(local: LocalAddresses) -> Callable[[IPAddress], bool]:
@@ -325,24 +456,48 @@ def _local_predicate(local: LocalAddresses) -> Callable[[IPAddress], bool]:
     return addresses.__contains__
 
 
+def virtual_service_name(key: VirtualKey) -> str:
+    """``10.96.0.10:80/TCP``, as kube-proxy names an IPVS service."""
+    ip, port, protocol = key
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{host}:{port}/{protocol.upper()}"
+
+
+Then = Callable[[_State], Iterator[Path]]
+
+
 @dataclass
 class _Tracer:
     ruleset: Ruleset
     packet: Packet
     is_local: Callable[[IPAddress], bool]
+    node: NodeState
 
     def run(self) -> TraceResult:
         start = _State(self.packet.destination, self.packet.port)
         if self.is_local(self.packet.source):
-            sent = ("nat", "OUTPUT"), ("filter", "OUTPUT"), ("nat", "POSTROUTING")
-            return TraceResult(tuple(self._hooks(start, sent, self._after_output)))
+            return TraceResult(tuple(self._hooks(start, (("nat", "OUTPUT"),), self._local_out)))
         return TraceResult(tuple(self._hooks(start, (("nat", "PREROUTING"),), self._route)))
 
+    def _local_out(self, state: _State) -> Iterator[Path]:
+        """A locally sent packet meets IPVS (if its destination is a virtual service), then
+        filter OUTPUT and nat POSTROUTING."""
+        sent = (("filter", "OUTPUT"), ("nat", "POSTROUTING"))
+        return self._via_ipvs(state, lambda s: self._hooks(s, sent, self._after_output))
+
     def _route(self, state: _State) -> Iterator[Path]:
-        """A received packet is delivered here or forwarded, by its (rewritten) destination."""
+        """A received packet is delivered here or forwarded, by its (rewritten) destination;
+        one for an IPVS virtual service is handed to IPVS after filter INPUT."""
         if self.is_local(state.destination):
+            if self._virtual(state) is not None:
+                return self._hooks(state, (("filter", "INPUT"),), self._ipvs_forward)
             return self._hooks(state, (("filter", "INPUT"), ("nat", "INPUT")), self._delivered)
         return self._hooks(state, (("filter", "FORWARD"), ("nat", "POSTROUTING")), self._delivered)
+
+    def _ipvs_forward(self, state: _State) -> Iterator[Path]:
+        """IPVS sends the packet it scheduled out through the LOCAL_OUT hooks again."""
+        out = (("filter", "OUTPUT"), ("nat", "POSTROUTING"))
+        return self._via_ipvs(state, lambda s: self._hooks(s, out, self._delivered))
 
     def _after_output(self, state: _State) -> Iterator[Path]:
         """A locally sent packet for a local address comes back in over loopback."""
@@ -353,11 +508,44 @@ class _Tracer:
     def _delivered(self, state: _State) -> Iterator[Path]:
         yield self._path(state, "ACCEPT")
 
+    def _virtual(self, state: _State) -> VirtualService | None:
+        services = self.node.virtual_services
+        if services is None:
+            return None
+        return services.get((state.destination, state.port, self.packet.protocol))
+
+    def _via_ipvs(self, state: _State, then: Then) -> Iterator[Path]:
+        """IPVS's part: a virtual service picks one of its real servers (weighted; weight 0
+        takes no new connection), or answers port unreachable when it has none."""
+        service = self._virtual(state)
+        if service is None:
+            yield from then(state)
+            return
+        key = (state.destination, state.port, self.packet.protocol)
+        name = virtual_service_name(key)
+        servers = [rs for rs in service.real_servers if rs.weight > 0]
+        total = sum(rs.weight for rs in servers)
+        if not servers:
+            step = Step("ipvs", name, 0, "no real server: ICMP port unreachable")
+            yield self._path(dataclasses.replace(state, steps=(*state.steps, step)), "REJECT")
+            return
+        sticky = f", persistent {service.persistent_seconds}s" if service.persistent_seconds else ""
+        for number, rs in enumerate(service.real_servers, 1):
+            if rs.weight <= 0:
+                continue
+            target = split_destination(rs.address)
+            if target is None or target[1] is None:
+                raise TraceError(f"cannot read the IPVS real server {rs.address!r}")
+            text = f"-> {rs.address} ({service.scheduler}, weight {rs.weight}{sticky})"
+            chosen = dataclasses.replace(
+                state.scaled(rs.weight / total),
+                destination=target[0], port=target[1], dnat=rs.address, virtual_service=key,
+                steps=(*state.steps, Step("ipvs", name, number, text)),
+            )  # fmt: skip
+            yield from then(chosen)
+
     def _hooks(
-        self,
-        state: _State,
-        hooks: tuple[tuple[str, str], ...],
-        then: Callable[[_State], Iterator[Path]],
+        self, state: _State, hooks: tuple[tuple[str, str], ...], then: Then
     ) -> Iterator[Path]:
         """Run `hooks` in order on every path, then `then` on the paths still accepted."""
         if not hooks:
@@ -371,8 +559,10 @@ class _Tracer:
                 yield self._path(after, verdict)
 
     def _path(self, state: _State, verdict: str) -> Path:
+        vs = state.virtual_service
         return Path(state.steps, verdict, state.dnat, state.masquerade, state.accepted_by_rule,
-                    state.assumptions)  # fmt: skip
+                    state.assumptions, state.probability,
+                    virtual_service_name(vs) if vs else None)  # fmt: skip
 
     def _hook(self, table: str, name: str, state: _State) -> Iterator[tuple[_State, str]]:
         chain = self.ruleset.chain(table, name)
@@ -395,16 +585,19 @@ class _Tracer:
             current, start = pending.pop()
             for index in range(start, len(chain.rules)):
                 rule = chain.rules[index]
-                verdict, assumed = self._matches(rule, current)
-                if verdict is _Match.NO:
+                verdict = self._matches(rule, current)
+                if verdict.no:
                     continue
-                if verdict is not _Match.YES:
+                if verdict.unknown:
                     skipped = current
-                    for text in assumed:
+                    for text in verdict.unknown:
                         skipped = skipped.assume(f"{text} (assumed not to match)")
                     pending.append((skipped, index + 1))
-                    for text in assumed:
+                    for text in verdict.unknown:
                         current = current.assume(f"{text} (assumed to match)")
+                if verdict.chance is not None:
+                    pending.append((current.scaled(1 - verdict.chance), index + 1))
+                    current = current.scaled(verdict.chance)
                 step = Step(table, name, index + 1, rule.text)
                 current = dataclasses.replace(current, steps=(*current.steps, step))
                 outcome = self._target(table, rule, current, depth)
@@ -448,7 +641,7 @@ class _Tracer:
 
     def _dnat(self, rule: Rule, state: _State) -> _State:
         to = rule.option("--to-destination") or ""
-        parsed = _split_destination(to)
+        parsed = split_destination(to)
         if parsed is None:
             raise TraceError(f"cannot read the DNAT destination of {rule.text!r}")
         ip, port = parsed
@@ -457,29 +650,30 @@ class _Tracer:
             ctstate=state.ctstate | {"DNAT"},
         )  # fmt: skip
 
-    def _matches(self, rule: Rule, state: _State) -> tuple[_Match, list[str]]:
-        """Whether all of the rule's matches hold, and the ones taken on trust."""
-        results = [(m, self._match(m, state)) for m in rule.matches]
+    def _matches(self, rule: Rule, state: _State) -> _Verdict:
+        """Whether all of the rule's matches hold, the ones taken on trust, and the chance
+        that its statistic match picks this packet."""
+        results = [(m, self._match(m, rule, state)) for m in rule.matches]
         if any(r is _Match.NO for _, r in results):
-            return _Match.NO, []
-        unknown = [f"{m} in {rule.text!r}" for m, r in results if r is _Match.UNKNOWN]
-        if unknown:
-            return _Match.UNKNOWN, unknown
-        if any(r is _Match.EITHER for _, r in results):
-            return _Match.EITHER, []
-        return _Match.YES, []
+            return _Verdict(no=True)
+        unknown = tuple(f"{m} in {rule.text!r}" for m, r in results if r is _Match.UNKNOWN)
+        either = [m for m, r in results if r is _Match.EITHER]
+        chance = _chance(rule, either[0]) if either else None
+        return _Verdict(unknown=unknown, chance=chance)
 
-    def _match(self, match: Match, state: _State) -> _Match:
+    def _match(self, match: Match, rule: Rule, state: _State) -> _Match:
+        """One match, negated when written with ``!`` (a qualifier's ``!``, as in
+        ``! --probability``, belongs to its module's match and is applied there)."""
         try:
-            result = self._evaluate(match, state)
+            result = self._evaluate(match, rule, state)
         except ValueError as err:
             raise TraceError(f"cannot evaluate {match}: {err}") from None
-        if match.negated and result in (_Match.YES, _Match.NO):
+        if match.negated and result in (_Match.YES, _Match.NO) and match.option not in QUALIFIERS:
             return _Match.NO if result is _Match.YES else _Match.YES
         return result
 
-    def _evaluate(self, match: Match, state: _State) -> _Match:
-        option, values, packet = match.option, match.values, self.packet
+    def _evaluate(self, match: Match, rule: Rule, state: _State) -> _Match:
+        option, values, packet, module = match.option, match.values, self.packet, match.module
         if option in ("-s", "--source", "-d", "--destination"):
             address = packet.source if option in ("-s", "--source") else state.destination
             return _yes(any(_in(address, cidr) for cidr in values[0].split(",")))
@@ -495,13 +689,74 @@ class _Tracer:
             return _yes(state.mark & int(mask or "0xffffffff", 0) == int(value, 0))
         if option in ("--ctstate", "--state"):
             return _yes(bool(state.ctstate & set(values[0].split(","))))
-        if match.module == "recent" and option not in QUALIFIERS:
-            return _yes(option == "--set")  # a new client has no entry to check
-        if match.module == "statistic" and option == "--mode":
-            return _Match.EITHER
+        if module == "recent" and option not in QUALIFIERS:
+            return self._recent(option, rule, state)
+        if module == "statistic" and option == "--mode":
+            return _Match.EITHER if values[0] in ("random", "nth") else _Match.UNKNOWN
+        if module == "set" and option == "--match-set":
+            return self._set(values[0], values[1], state)
+        if module == "physdev" and option in ("--physdev-is-in", "--physdev-is-bridged"):
+            return self._bridged()
+        if module == "ipvs" and self.node.virtual_services is not None:
+            return self._ipvs_match(option, values, state)
         if option in ("--comment", "--nfacct-name") or option in QUALIFIERS:
             return _Match.YES
         return _Match.UNKNOWN
+
+    def _recent(self, option: str, rule: Rule, state: _State) -> _Match:
+        """``--set`` always matches; a check matches when the client is in the list."""
+        if option == "--set":
+            return _Match.YES
+        if option not in ("--rcheck", "--update", "--remove"):
+            return _Match.UNKNOWN
+        listed = self.node.recent.get(rule.value("recent", "--name") or "DEFAULT", frozenset())
+        by_destination = any(m.option == "--rdest" for m in rule.matches)
+        return _yes((state.destination if by_destination else self.packet.source) in listed)
+
+    def _set(self, name: str, dimensions: str, state: _State) -> _Match:
+        found = self.node.ipsets.get(name)
+        if found is None:
+            return _Match.UNKNOWN
+        picked: list[IPAddress | int] = []
+        for index, side in enumerate(dimensions.split(",")):
+            is_port = found.type.partition(":")[2].split(",")[index : index + 1] == ["port"]
+            if side == "src":
+                if is_port:
+                    return _Match.UNKNOWN  # the tracer's packets have no source port
+                picked.append(self.packet.source)
+            else:
+                picked.append(state.port if is_port else state.destination)
+        return _yes(found.contains(tuple(picked), self.packet.protocol))
+
+    def _bridged(self) -> _Match:
+        if self.is_local(self.packet.source):
+            return _Match.NO  # a locally sent packet has no input device at all
+        return _Match.UNKNOWN if self.packet.bridged is None else _yes(self.packet.bridged)
+
+    def _ipvs_match(self, option: str, values: tuple[str, ...], state: _State) -> _Match:
+        """``-m ipvs``: the packet belongs to an IPVS connection (to this virtual service)."""
+        vs = state.virtual_service
+        if option == "--ipvs":
+            return _yes(vs is not None)
+        if vs is None:
+            return _Match.NO
+        if option == "--vaddr":
+            return _yes(_in(vs[0], values[0]))
+        if option == "--vport":
+            return _yes(vs[1] == int(values[0]))
+        if option == "--vproto":
+            return _yes(IP_PROTOCOLS.get(values[0], values[0].lower()) == vs[2])
+        return _Match.UNKNOWN
+
+
+def _chance(rule: Rule, mode: Match) -> float:
+    """The probability that a statistic match picks a new connection: ``--probability``
+    (its complement when negated), or 1/N for ``--mode nth --every N``."""
+    if mode.values[0] == "nth":
+        return 1 / int(rule.value("statistic", "--every") or "1")
+    found = next(m for m in rule.matches if m.option == "--probability")
+    chance = float(found.values[0])
+    return 1 - chance if found.negated else chance
 
 
 def _yes(condition: bool) -> _Match:

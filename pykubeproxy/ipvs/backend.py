@@ -14,7 +14,8 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from pykubeproxy.iptables.backend import Applier
-from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
+from pykubeproxy.ipvs.netlink import KernelRefused
+from pykubeproxy.ipvs.render import IpvsConfig, render
 from pykubeproxy.ipvs.state import IpvsState, RealServer, VirtualServer
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import (
@@ -62,7 +63,12 @@ class IpvsBackend:
         node: NodeFacts,
     ) -> None:
         """Render everything; on a partial sync (`rewrite` set) unchanged services are not
-        read back from the kernel."""
+        read back from the kernel.
+
+        A virtual or real server the kernel refuses fails the sync (KernelRefused, raised
+        at the end) but stops nothing else: the iptables half, draining and the metrics
+        still follow, as upstream goes on past a Service it could not program.
+        """
         addresses = frozenset(
             ip for ip in self.node_addresses() if isinstance(ip, IPv4Address) and not ip.is_loopback
         )
@@ -70,12 +76,19 @@ class IpvsBackend:
             ip for ip in addresses
             if not self.nodeport_cidrs or any(ip in cidr for cidr in self.nodeport_cidrs)
         ))  # fmt: skip
-        state = render_state(services, endpoints, self.cfg, node_ips, addresses)
-        self.ipvs.apply(state, full=rewrite is None)
-        nat, filt = render_tables(state, self.cfg)
-        self.iptables.apply([nat, filt])
+        rendered = render(services, endpoints, self.cfg, node, node_ips, addresses)
+        refused: KernelRefused | None = None
+        try:
+            self.ipvs.apply(rendered.state, full=rewrite is None)
+        except KernelRefused as err:
+            refused = err
+        self.iptables.apply(rendered.tables)
         self.ipvs.drain()
+        state = rendered.state
         self.metrics.ipvs_virtual_servers.set(len(state.services))
         real = sum(len(servers) for servers in state.real_servers.values())
         self.metrics.ipvs_real_servers.set(real + len(self.ipvs.draining()))
-        self.metrics.count_rules({t.name: t.rule_count() for t in (nat, filt)})
+        self.metrics.count_rules({t.name: t.rule_count() for t in rendered.tables})
+        self.metrics.set_no_local_endpoints(rendered.no_local_endpoints)
+        if refused is not None:
+            raise refused

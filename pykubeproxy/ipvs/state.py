@@ -151,3 +151,5 @@ class IpvsState:
     ipsets: dict[str, set[str]] = field(
         default_factory=lambda: {spec.name: set() for spec in IPSETS}
     )
+    # The Service port each virtual server serves: what a kernel error is reported against.
+    names: dict[VirtualServer, str] = field(default_factory=dict)

@@ -3,13 +3,16 @@
 Builds the node, three pods and an outside client as network namespaces, runs
 the API server double and `pykubeproxy` inside the node, creates a Service
 with three endpoints, then shows what a learner would look at on a real node:
-the KUBE-* chains in `iptables-legacy-save`, where 30 requests landed, the
-health answer and a few metrics. Everything is torn down at the end.
+the KUBE-* chains in `iptables-legacy-save`, where 30 requests landed, what
+`pykubeproxy explain` says those rules do with such a request (and with one to
+every address of the Service), the health answer and a few metrics. Everything
+is torn down at the end.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from collections import Counter
 
@@ -71,6 +74,13 @@ def main() -> int:
         bars(spread(lambda: cluster.pods["web-0"].tcp_request(CLUSTER_IP, PORT), total), total)
         heading(f"{total} requests from outside to {cluster.node_ip}:{NODE_PORT} (NodePort)")
         bars(spread(lambda: cluster.client.tcp_request(cluster.node_ip, NODE_PORT), total), total)
+
+        pod = cluster.pods["web-0"].ip
+        for args in ((f"{CLUSTER_IP}:{PORT}", "--source", pod), ("svc", "default/web")):
+            heading(f"pykubeproxy explain {' '.join(args)} (on the node)")
+            explain = [sys.executable, "-m", "pykubeproxy", "explain", *args]
+            for line in cluster.node.exec(explain, stdout=subprocess.PIPE).stdout.splitlines():
+                print("  " + line)
 
         heading("curl http://127.0.0.1:10256/healthz")
         print("  " + lab.fetch("http://127.0.0.1:10256/healthz")[1])

@@ -103,12 +103,21 @@ def http_get(ns: NetNS, url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 
 def samples(text: str) -> dict[str, float]:
-    """Prometheus exposition text as {sample line name with labels: value}."""
-    found = {}
+    """Prometheus exposition text as {sample line name with labels: value}.
+
+    A sample name with a single series is also found by its bare name: most of kube-proxy's
+    metrics carry just ``ip_family``, and this agent has one family.
+    """
+    found: dict[str, float] = {}
+    series: dict[str, list[float]] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
+            series.setdefault(name.partition("{")[0], []).append(float(value))
+    for bare, values in series.items():
+        if len(values) == 1:
+            found.setdefault(bare, values[0])
     return found
 
 

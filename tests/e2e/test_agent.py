@@ -228,7 +228,7 @@ def test_health_metrics_and_node_deletion(lab: Lab) -> None:
     metrics = lab.metrics()
     assert metrics["kubeproxy_network_programming_duration_seconds_count"] >= 1
     assert metrics["kubeproxy_sync_proxy_rules_last_timestamp_seconds"] > time.time() - 60
-    assert metrics['kubeproxy_sync_proxy_rules_iptables_total{table="nat"}'] > 0
+    assert metrics['kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}'] > 0
     assert any(name.startswith("process_resident_memory_bytes") for name in metrics)
     status, body = lab.healthz()
     assert status == 200 and body["nodeEligible"] is True

@@ -253,7 +253,7 @@ def image(docker: Docker) -> str:
             "-C",
             str(REPO),
             "image",
-            f"PY={sys.executable}",
+            f"IMAGE_PY={sys.executable}",
             f"DOCKER={docker.paths['docker']}",
             f"BASE_IMAGE={base}",
             f"IMAGE={IMAGE}",
@@ -283,7 +283,7 @@ def locked_versions() -> dict[str, str]:
 
 
 INSPECT_IMAGE = """
-import importlib.metadata, json, shutil, subprocess, sys, iptc
+import importlib.metadata, importlib.util, json, shutil, subprocess, sys, iptc
 tools = ["pykubeproxy", "iptables-legacy-save", "nft", "ip", "ipset", "ipvsadm", "conntrack",
          "modprobe", "pip"]
 print(json.dumps({
@@ -291,6 +291,7 @@ print(json.dumps({
     "missing": [tool for tool in tools if not shutil.which(tool)],
     "iptables": subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout,
     "packages": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
+    "sandbox": importlib.util.find_spec("pykubeproxy.sandbox") is not None,
 }))
 """
 
@@ -308,6 +309,7 @@ def test_image_holds_the_agent_its_tools_and_exactly_the_locked_packages(
     installed = {normalized(name): version for name, version in found["packages"].items()}
     assert installed.pop("pykubeproxy") == "0.1.0"
     assert installed == locked_versions()
+    assert found["sandbox"] is False  # the tests' API double, netns and VM code stay out
 
 
 def host_pid(docker: Docker, container: str) -> int:

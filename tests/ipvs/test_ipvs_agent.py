@@ -53,8 +53,8 @@ def test_agent_programs_ipvs_as_services_come_and_go() -> None:
         outside = spread(lambda: lab.cluster.client.tcp_request(lab.cluster.node_ip, NODE_PORT), 9)
         assert set(outside) == {"web-0", "web-1", "web-2"}
         metrics = lab.metrics()
-        assert metrics["kubeproxy_ipvs_virtual_servers"] == 3
-        assert metrics["kubeproxy_ipvs_real_servers"] == 9
+        assert metrics["pykubeproxy_ipvs_virtual_servers"] == 3
+        assert metrics["pykubeproxy_ipvs_real_servers"] == 9
 
         # A partial sync: only this Service's real servers change (web-2 drains at weight 0).
         lab.server.update("endpointslices", endpoint_slice("web", [p.ip for p in pods[:2]], TARGET))

@@ -1,13 +1,13 @@
 """The IPVS applier against a real kernel, proven with real packets (inside the VM).
 
 The applier runs inside the node namespace of a `Cluster` (pods a, b, c answering TCP 8080
-and UDP 5353), through ``run_inside``: its netlink sockets and the conntrack CLI then belong
-to that namespace. No iptables rule is installed: every path tested here works on IPVS
+and UDP 5353), through ``run_inside``: its netlink sockets (conntrack's included) then
+belong to that namespace. Most tests install no iptables rule: those paths work on IPVS
 alone (an outside client to a ClusterIP or NodePort is DNATed by IPVS and its replies are
 un-NATed on their way back through the node; the node's own connections to a ClusterIP
-leave from the ClusterIP itself). Pod-to-Service traffic (hairpin, and replies bridged
-straight back to the calling pod) needs kube-proxy's masquerade rules and is left to the
-agent tests.
+leave from the ClusterIP itself). The source-range test adds IPVS mode's iptables half,
+rendered from a Service. Pod-to-Service traffic (hairpin, and replies bridged straight
+back to the calling pod) needs kube-proxy's masquerade rules and is left to the agent tests.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from ipaddress import ip_address
-from typing import TypeVar
+from ipaddress import ip_address, ip_network
+from typing import Any, TypeVar
 
 import pytest
 
-from pykubeproxy.ipvs.applier import IpvsApplier, set_sysctls
+from pykubeproxy.iptables.applier import IptcApplier
+from pykubeproxy.ipvs.applier import IpvsApplier, KernelRefused
+from pykubeproxy.ipvs.render import IpvsConfig, Rendered, render
 from pykubeproxy.ipvs.state import (
     CLUSTER_IP,
     DUMMY_DEVICE,
@@ -39,7 +41,17 @@ from pykubeproxy.ipvs.state import (
     ServiceOptions,
     VirtualServer,
 )
-from pykubeproxy.model import Protocol
+from pykubeproxy.ipvs.sysctls import set_sysctls
+from pykubeproxy.model import (
+    Endpoint,
+    EndpointsMap,
+    NamespacedName,
+    NodeFacts,
+    Protocol,
+    ServicePort,
+    ServicePortMap,
+    ServicePortName,
+)
 from pykubeproxy.sandbox.netns import Cluster, Host, Pod, spread
 
 pytestmark = pytest.mark.ipvs
@@ -84,6 +96,7 @@ def applier(cluster: Cluster) -> Iterator[IpvsApplier]:
     node = cluster.node
     for table in ("nat", "filter"):
         node.exec(["iptables-legacy", "-t", table, "-F"], check=False)
+        node.exec(["iptables-legacy", "-t", table, "-X"], check=False)
     node.exec(["ipvsadm", "-C"])
     node.exec(["ip", "link", "del", DUMMY_DEVICE], check=False)
     node.exec(["ipset", "destroy"])
@@ -361,9 +374,9 @@ def test_udp_real_server_goes_at_once_with_its_flows(
     rest = [p for p in everyone if p is not served]
     inside(cluster, lambda: applier.apply(web_state(rest)))
     assert served.ip not in dests(cluster, CLUSTER_UDP)
-    # Gone at once: the applier runs conntrack -D, and since Linux 5.10 IPVS itself flushes
-    # the connections (and their conntrack flows) of a deleted real server when
-    # expire_nodest_conn=1.
+    # Gone at once: the applier deletes the flows over conntrack netlink, and since Linux 5.10
+    # IPVS itself flushes the connections (and their conntrack flows) of a deleted real server
+    # when expire_nodest_conn=1.
     assert served.ip not in sh(cluster, *flows, "--dst-nat", served.ip)
 
     replies = []
@@ -375,6 +388,110 @@ def test_udp_real_server_goes_at_once_with_its_flows(
             continue
     assert replies and replies[0] in labels(rest), replies
     sock.close()
+
+
+# --- Service semantics, from the model ---------------------------------------------------------
+
+LB_IP = "203.0.113.50"
+HEALTH_CHECK_PORT = 32080
+NODE = NodeFacts("node", ip=NODE_IP)
+
+
+def service_of(
+    cluster: Cluster, local: set[str], **fields: Any
+) -> tuple[ServicePortMap, EndpointsMap]:
+    """Service "web" (ClusterIP 10.96.0.10:80/TCP -> 8080) with pods a, b, c as endpoints,
+    the `local` ones on this node, the others on another."""
+    name = ServicePortName(NamespacedName("default", "web"), "http", Protocol.TCP)
+    svc = ServicePort(name, SERVICE_IP, TCP_PORT, **fields)
+    eps = tuple(
+        Endpoint(ip_address(pod.ip), TCP_TARGET, node_name="node" if label in local else "other")
+        for label, pod in sorted(cluster.pods.items())
+    )
+    return {name: svc}, {name: eps}
+
+
+def rendered(cluster: Cluster, local: set[str], **fields: Any) -> Rendered:
+    services, endpoints = service_of(cluster, local, **fields)
+    return render(services, endpoints, IpvsConfig(), NODE, (NODE_IP,), frozenset({NODE_IP}))
+
+
+def test_local_policy_uses_this_nodes_endpoints(cluster: Cluster, applier: IpvsApplier) -> None:
+    """externalTrafficPolicy Local: NodePort and LB virtual servers get the local pod only,
+    the ClusterIP all three; the ETP-Local sets and the health-check set are filled."""
+    result = rendered(
+        cluster, {"a"}, node_port=TCP_NODE_PORT, load_balancer_ips=(ip_address(LB_IP),),
+        external_policy_local=True, health_check_node_port=HEALTH_CHECK_PORT,
+    )  # fmt: skip
+    inside(cluster, lambda: applier.apply(result.state))
+    a = cluster.pods["a"].ip
+    assert dests(cluster, NODE_TCP).keys() == {a}
+    assert dests(cluster, VirtualServer(ip_address(LB_IP), TCP_PORT, Protocol.TCP)).keys() == {a}
+    assert dests(cluster, CLUSTER_TCP).keys() == {p.ip for p in pods(cluster)}
+    assert members(cluster, "KUBE-NODE-PORT-LOCAL-TCP") == {str(TCP_NODE_PORT)}
+    assert members(cluster, "KUBE-LOAD-BALANCER-LOCAL") == {f"{LB_IP},tcp:{TCP_PORT}"}
+    assert members(cluster, "KUBE-HEALTH-CHECK-NODE-PORT") == {str(HEALTH_CHECK_PORT)}
+    served = spread(lambda: cluster.client.tcp_request(str(NODE_IP), TCP_NODE_PORT), 4)
+    assert served == {"a": 4}
+
+    no_local = rendered(
+        cluster, set(), node_port=TCP_NODE_PORT, external_policy_local=True
+    )  # upstream's fallback: the cluster-wide endpoints, and the metric counts it
+    inside(cluster, lambda: applier.apply(no_local.state))
+    assert dests(cluster, NODE_TCP).keys() == {p.ip for p in pods(cluster)}
+    assert no_local.no_local_endpoints == {"internal": 0, "external": 1}
+
+
+def test_source_ranges_admit_only_their_clients(cluster: Cluster, applier: IpvsApplier) -> None:
+    """loadBalancerSourceRanges with IPVS mode's iptables half in place: the client in the
+    range reaches the LB IP, another client is dropped; the node's IP is not in the range,
+    so KUBE-IPVS-OUT-FILTER drops the node's own traffic to it (an ``-m ipvs`` rule)."""
+    outsider = cluster.clients.get("outsider") or cluster.add_client("outsider")
+    result = rendered(
+        cluster, set(), load_balancer_ips=(ip_address(LB_IP),),
+        load_balancer_source_ranges=(ip_network(f"{cluster.client.ip}/32"),),
+    )  # fmt: skip
+    inside(cluster, lambda: applier.apply(result.state))
+    assert members(cluster, "KUBE-LOAD-BALANCER-FW") == {f"{LB_IP},tcp:{TCP_PORT}"}
+    assert members(cluster, "KUBE-LOAD-BALANCER-SOURCE-CIDR") == {
+        f"{LB_IP},tcp:{TCP_PORT},{cluster.client.ip}"  # the kernel's form of a /32
+    }
+    assert members(cluster, "KUBE-LOAD-BALANCER-SOURCE-IP") == set()
+    iptables = IptcApplier()
+    inside(cluster, lambda: iptables.apply(result.tables))
+    save = sh(cluster, "iptables-legacy-save", "-t", "filter").splitlines()
+    out_filter = [line.split() for line in save if line.startswith("-A KUBE-IPVS-OUT-FILTER")]
+    assert len(out_filter) == 1, save
+    assert {"-m", "ipvs", "--vaddr", "DROP", f"{LB_IP}/32"} <= set(out_filter[0]), save
+
+    served = spread(lambda: cluster.client.tcp_request(LB_IP, TCP_PORT), 3)
+    assert set(served) <= labels(pods(cluster)) and sum(served.values()) == 3
+    with pytest.raises(OSError):
+        outsider.tcp_request(LB_IP, TCP_PORT, timeout=5)
+
+
+def test_a_refused_virtual_server_blocks_no_other(
+    cluster: Cluster, applier: IpvsApplier, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One Service the kernel refuses (a scheduler it lacks) is logged with its name and
+    address; every other virtual server is made, and the sync still fails."""
+    state = web_state(pods(cluster))
+    bad = VirtualServer(ip_address("10.96.0.99"), TCP_PORT, Protocol.TCP)
+    state.services[bad] = ServiceOptions("nope")
+    state.real_servers[bad] = {RealServer(ip_address(cluster.pods["a"].ip), TCP_TARGET)}
+    state.names[bad] = "default/broken:http"
+    with caplog.at_level(logging.ERROR), pytest.raises(KernelRefused, match="default/broken"):
+        inside(cluster, lambda: applier.apply(state))
+    assert any(
+        "Service default/broken:http: virtual server 10.96.0.99:80/TCP" in r.getMessage()
+        for r in caplog.records
+    )
+    table = ipvsadm(cluster)
+    assert len(table) == 4 and all(len(real) == 3 for real in table.values())
+    assert spread(lambda: cluster.client.tcp_request(str(SERVICE_IP), TCP_PORT), 3)
+
+    del state.services[bad], state.real_servers[bad]
+    inside(cluster, lambda: applier.apply(state))  # the next sync, without it, succeeds
 
 
 # --- ownership --------------------------------------------------------------------------------
@@ -477,7 +594,7 @@ def test_set_sysctls_writes_only_what_differs(
 ) -> None:
     node = cluster.node
     node.sysctl("net.ipv4.vs.expire_nodest_conn", 0)
-    with caplog.at_level(logging.INFO, logger="pykubeproxy.ipvs.applier"):
+    with caplog.at_level(logging.INFO, logger="pykubeproxy.ipvs.sysctls"):
         inside(cluster, lambda: set_sysctls(strict_arp=True))
     changed = Counter(r.getMessage().split()[2].rstrip(":") for r in caplog.records)
     assert changed == {
@@ -491,7 +608,7 @@ def test_set_sysctls_writes_only_what_differs(
                        ("net.ipv4.conf.all.arp_announce", "2")):  # fmt: skip
         assert node.sysctl(key) == value
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pykubeproxy.ipvs.applier"):
+    with caplog.at_level(logging.INFO, logger="pykubeproxy.ipvs.sysctls"):
         inside(cluster, lambda: set_sysctls(strict_arp=True))
     assert caplog.records == []
     node.sysctl("net.ipv4.conf.all.arp_ignore", 0)

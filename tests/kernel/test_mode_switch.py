@@ -17,9 +17,9 @@ import pytest
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.iptables.render import RenderConfig, Renderer
-from pykubeproxy.ipvs.render import IpvsConfig, render_state, render_tables
+from pykubeproxy.ipvs.render import IpvsConfig, render
 from pykubeproxy.ipvs.state import IPSETS
-from pykubeproxy.model import NamespacedName
+from pykubeproxy.model import NamespacedName, NodeFacts
 from pykubeproxy.sandbox.netns import NetNS
 
 pytestmark = [
@@ -66,15 +66,19 @@ def test_iptables_to_ipvs_and_back(node: NetNS) -> None:
     node.run_inside(lambda: applier.apply(iptables_tables))
     assert any("KUBE-SVC-" in line for line in kube_lines(node))
 
-    cfg = IpvsConfig(node_name="node-1")
-    state = render_state(
-        services.service_map, endpoints.endpoints_map, cfg, (NODE_IP,), frozenset({NODE_IP})
+    ipvs = render(
+        services.service_map,
+        endpoints.endpoints_map,
+        IpvsConfig(),
+        NodeFacts("node-1"),
+        (NODE_IP,),
+        frozenset({NODE_IP}),
     )
     for spec in IPSETS:  # what the IPVS applier does first
         node.exec(["ipset", "create", spec.name, spec.type, *spec.create_args(), "-exist"])
-        for entry in state.ipsets[spec.name]:
+        for entry in ipvs.state.ipsets[spec.name]:
             node.exec(["ipset", "add", spec.name, entry, "-exist"])
-    ipvs_tables = list(render_tables(state, cfg))
+    ipvs_tables = ipvs.tables
     node.run_inside(lambda: applier.apply(ipvs_tables))
     lines = kube_lines(node)
     assert not any(
@@ -91,6 +95,9 @@ def test_iptables_to_ipvs_and_back(node: NetNS) -> None:
     assert (
         '-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER' in lines
     )
+    # upstream's order at the top of INPUT; kubelet's KUBE-FIREWALL jump stays below
+    input_jumps = [line.split()[-1] for line in lines if line.startswith("-A INPUT")]
+    assert input_jumps[:3] == ["KUBE-IPVS-FILTER", "KUBE-PROXY-FIREWALL", "KUBE-NODE-PORT"]
     assert any("--match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT" in line for line in lines)
 
     node.run_inside(lambda: applier.apply(iptables_tables))

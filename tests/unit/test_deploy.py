@@ -8,8 +8,10 @@ Kubernetes OpenAPI schema in strict mode (`kubernetes-validate`: unknown fields 
 ServiceMonitor (a CRD) and the kind Cluster have no schema there and are checked by
 structure. Then the DaemonSet must agree with the agent: its command parses with the
 agent's own flag and config loader, the ports and probe paths are the ones the agent
-serves, and the ClusterRole grants exactly the requests the agent's reflectors make,
-recorded from `pykubeproxy.kube` itself.
+serves, the ClusterRole grants exactly the requests the agent makes (its reflectors and its
+start-up Event), recorded from `pykubeproxy.kube` itself, and the agent reaches the API
+server through kubeadm's kubeconfig.conf, whose endpoint is set in one file. The kubeadm
+overlay mounts kubeadm's own ConfigMap (tests/upstream_configmaps.py), which must load.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import kubernetes
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from upstream_configmaps import KUBEADM_IPTABLES, configmap
 
 from pykubeproxy import kube
 from pykubeproxy.config import load
@@ -42,6 +45,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KUBERNETES_VERSION = "1.34"  # the schemas checked against; kubernetes-validate ships them
 NAMESPACE = "kube-system"
 NAME_LABEL = {"app.kubernetes.io/name": "pykubeproxy"}
+UPSTREAM_LABEL = {"k8s-app": "kube-proxy"}  # kubeadm's kube-proxy DaemonSet and pods
+MOUNT = "/var/lib/kube-proxy"  # where kubeadm mounts kube-proxy's ConfigMap
 # kustomization directory -> the proxy mode its ConfigMap must give
 VARIANTS = {".": "iptables", "overlays/ipvs": "ipvs"}
 
@@ -130,6 +135,10 @@ def test_renders_the_agents_objects_and_nothing_else(rendered: tuple[Obj, ...]) 
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
     daemonset = the(rendered, "DaemonSet")
     assert container(daemonset)["image"] == "pykubeproxy:dev"
+    # Upstream's label, so that what selects kube-proxy's pods selects these.
+    assert selects(UPSTREAM_LABEL, daemonset["metadata"]["labels"])
+    assert selects(UPSTREAM_LABEL, daemonset["spec"]["template"]["metadata"]["labels"])
+    assert not selects(daemonset["spec"]["selector"]["matchLabels"], UPSTREAM_LABEL)
     # The generated ConfigMap's hashed name reaches the volume that mounts it.
     [volume] = [v for v in daemonset["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"] == the(rendered, "ConfigMap")["metadata"]["name"]
@@ -173,9 +182,21 @@ def agent_argv(daemonset: Obj, config_file: Path, node: str) -> list[str]:
     [node_env] = [e for e in c["env"] if e["name"] == "NODE_NAME"]
     assert node_env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert mount["mountPath"] == MOUNT
     mounted = f"{mount['mountPath']}/config.conf"
     assert f"--config={mounted}" in args
     return [arg.replace("$(NODE_NAME)", node).replace(mounted, str(config_file)) for arg in args]
+
+
+def kubeconfig_server(text: str) -> str:
+    """The server of a kubeconfig.conf, after checking it uses the pod's service account."""
+    doc = yaml.safe_load(text)
+    [cluster] = doc["clusters"]
+    [user] = doc["users"]
+    account = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert cluster["cluster"]["certificate-authority"] == f"{account}/ca.crt"
+    assert user["user"] == {"tokenFile": f"{account}/token"}
+    return str(cluster["cluster"]["server"])
 
 
 def test_command_and_config_load_with_the_agents_loader(
@@ -186,9 +207,13 @@ def test_command_and_config_load_with_the_agents_loader(
     daemonset = the(rendered, "DaemonSet")
     cfg = load(agent_argv(daemonset, config_file, "kind-worker"))
 
-    assert cfg.mode == VARIANTS[variant]
+    assert cfg.mode == VARIANTS[variant] and not cfg.notices
     assert cfg.hostname_override == "kind-worker"
-    assert cfg.kubeconfig == "" and cfg.master == ""  # the service account, in-cluster
+    # kubeconfig.conf of the same ConfigMap: the control-plane endpoint, never in-cluster.
+    assert cfg.kubeconfig == f"{MOUNT}/kubeconfig.conf" and cfg.master == ""
+    data = the(rendered, "ConfigMap")["data"]
+    assert kubeconfig_server(data["kubeconfig.conf"]) == api_server_env(DEPLOY)
+    assert cfg.conntrack.max_per_core == 0  # kind nodes cannot set the host's table size
     cluster = the(read_yaml(DEPLOY / "kind" / "cluster.yaml"), "Cluster")
     assert cfg.cluster_cidr == cluster["networking"]["podSubnet"]
     c = container(daemonset)
@@ -199,6 +224,47 @@ def test_command_and_config_load_with_the_agents_loader(
     assert probe_port(c, "livenessProbe") == port_number(c, "healthz")
     annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == port_number(c, "metrics")
+
+
+def api_server_env(deploy: Path) -> str:
+    lines = (deploy / "base" / "api-server.env").read_text().splitlines()
+    [server] = [line.partition("=")[2] for line in lines if line.startswith("server=")]
+    return server
+
+
+def test_the_endpoint_is_set_in_one_place(tmp_path: Path) -> None:
+    """Writing api-server.env (as docs/kind.md does from `kind get kubeconfig --internal`)
+    changes kubeconfig.conf in every variant, and the ConfigMap's name, so pods roll."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    server = "https://my-cluster-control-plane:6443"
+    (copy / "base" / "api-server.env").write_text(f"server={server}\n")
+    for variant in VARIANTS:
+        changed = the(kustomize(copy / variant), "ConfigMap")
+        assert kubeconfig_server(changed["data"]["kubeconfig.conf"]) == server
+        assert changed["metadata"]["name"] != the(kustomize(DEPLOY / variant), "ConfigMap")[
+            "metadata"
+        ]["name"]
+    rendered = "".join(yaml.safe_dump_all(kustomize(DEPLOY / v)) for v in VARIANTS)
+    assert "control-plane:" not in rendered  # no cluster's endpoint is built in
+
+
+def test_kubeadm_overlay_mounts_kubeadms_configmap(tmp_path: Path) -> None:
+    rendered = kustomize(DEPLOY / "overlays" / "kubeadm")
+    assert "ConfigMap" not in {o["kind"] for o in rendered}
+    daemonset = the(rendered, "DaemonSet")
+    volumes = daemonset["spec"]["template"]["spec"]["volumes"]
+    [volume] = [v for v in volumes if v["name"] == "config"]
+    assert volume["configMap"] == {"name": "kube-proxy"}
+    kubeadms = configmap(KUBEADM_IPTABLES, "https://192.0.2.1:6443")
+    kubernetes_validate.validate(kubeadms, KUBERNETES_VERSION, strict=True)
+    config_file = tmp_path / "config.conf"
+    config_file.write_text(kubeadms["data"]["config.conf"])
+    cfg = load(agent_argv(daemonset, config_file, "node-a"))
+    assert cfg.mode == "iptables" and cfg.kubeconfig == f"{MOUNT}/kubeconfig.conf"
+    assert kubeconfig_server(kubeadms["data"]["kubeconfig.conf"]) == "https://192.0.2.1:6443"
+    for obj in rendered:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
 def test_probes_are_the_agents_routes(base: tuple[Obj, ...]) -> None:
@@ -245,6 +311,8 @@ def rbac_request(method: str, url: str) -> tuple[str, str, str]:
     group, rest = ("", segments[2:]) if segments[0] == "api" else (segments[1], segments[3:])
     if rest[0] == "namespaces" and len(rest) > 2:
         rest = rest[2:]
+    if method == "POST":
+        return group, rest[0], "create"
     assert method == "GET", (method, url)
     if len(rest) > 1:
         return group, rest[0], "get"
@@ -253,7 +321,8 @@ def rbac_request(method: str, url: str) -> tuple[str, str, str]:
 
 
 def agent_requests(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]:
-    """What the agent's reflectors ask the API server for: each kind's list and watch."""
+    """What the agent asks the API server for: each kind's list and watch, the Node read at
+    start, and the Event it posts."""
     client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host="http://api.test"))
     sent: list[tuple[str, str]] = []
 
@@ -269,6 +338,12 @@ def agent_requests(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]
         for request in (reflector.list, reflector.watch):
             with pytest.raises(_Sent):
                 request()
+    for start_up in (
+        functools.partial(kube.post_event, client, kube.starting_event("node-a")),
+        functools.partial(kube.get_node, client, "node-a"),
+    ):
+        with pytest.raises(_Sent):
+            start_up()
     return {rbac_request(method, url) for method, url in sent}
 
 
@@ -276,6 +351,7 @@ def test_cluster_role_grants_exactly_what_the_agent_requests(
     base: tuple[Obj, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert {k.name for k in watched_kinds()} >= {"Service", "EndpointSlice", "Node"}
+    assert ("events.k8s.io", "events", "create") in agent_requests(monkeypatch)
     granted = {
         (group, resource, verb)
         for rule in the(base, "ClusterRole")["rules"]
@@ -300,6 +376,11 @@ def test_rbac_request_mapping() -> None:
     assert rbac_request(
         "GET", "http://h/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices?watch=true"
     ) == ("discovery.k8s.io", "endpointslices", "watch")
+    assert rbac_request("POST", "http://h/apis/events.k8s.io/v1/namespaces/default/events") == (
+        "events.k8s.io",
+        "events",
+        "create",
+    )
 
 
 # --- outside the main kustomization: the monitoring example and the kind cluster
@@ -331,10 +412,6 @@ def test_kind_cluster_runs_without_kube_proxy(base: tuple[Obj, ...]) -> None:
     assert cluster["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     assert cluster["networking"]["kubeProxyMode"] == "none"
     assert [node["role"] for node in cluster["nodes"]] == ["control-plane", "worker"]
-    # The agent reaches the API server at kind's control-plane endpoint, not the ClusterIP.
-    env = {e["name"]: e.get("value") for e in container(the(base, "DaemonSet"))["env"]}
-    name = cluster.get("name", "kind")
-    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == (
-        f"{name}-control-plane",
-        "6443",
-    )
+    # The agent reaches the API server through kubeconfig.conf, not the in-cluster Service.
+    env = {e["name"] for e in container(the(base, "DaemonSet"))["env"]}
+    assert env == {"NODE_NAME"}

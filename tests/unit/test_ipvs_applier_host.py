@@ -14,13 +14,20 @@ from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 from socket import AF_INET
+from typing import Any
 
 import pytest
 from pyroute2.ipset import PortEntry
 
-from pykubeproxy.ipvs import applier as mod
-from pykubeproxy.ipvs.applier import IpvsApplier, Member, parse_member, set_sysctls
-from pykubeproxy.ipvs.state import IPSETS, IpvsState
+from pykubeproxy import conntrack
+from pykubeproxy.ipvs import ipsets, sysctls
+from pykubeproxy.ipvs.applier import IpvsApplier
+from pykubeproxy.ipvs.graceful import GracefulTermination
+from pykubeproxy.ipvs.ipsets import Member, parse_member
+from pykubeproxy.ipvs.netlink import KernelRefused, Problems
+from pykubeproxy.ipvs.state import IPSETS, IpvsState, RealServer, VirtualServer
+from pykubeproxy.ipvs.sysctls import set_sysctls
+from pykubeproxy.model import Protocol
 from pykubeproxy.sandbox.netns import NetNS
 
 ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
@@ -72,7 +79,7 @@ def test_bad_members_are_rejected(set_type: str, text: str) -> None:
 
 
 def test_create_options_are_kube_proxys() -> None:
-    options = {spec.type: mod._create_options(spec) for spec in IPSETS}
+    options = {spec.type: ipsets.create_options(spec) for spec in IPSETS}
     assert options["bitmap:port"] == {
         "stype": "bitmap:port", "exclusive": False, "bitmap_ports_range": (0, 65535)
     }  # fmt: skip
@@ -98,14 +105,14 @@ def test_exclude_cidrs() -> None:
 def test_set_sysctls_writes_what_differs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mod, "_kernel_version", lambda: (6, 1))  # conn_reuse_mode left as is
+    monkeypatch.setattr(sysctls, "_kernel_version", lambda: (6, 1))  # conn_reuse_mode left as is
     values = {"net/ipv4/vs/conntrack": "0", "net/ipv4/vs/expire_nodest_conn": "1",
               "net/ipv4/vs/expire_quiescent_template": "0", "net/ipv4/ip_forward": "1",
               "net/ipv4/vs/conn_reuse_mode": "1"}  # fmt: skip
     for name, value in values.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"{value}\n")
-    with caplog.at_level(logging.INFO, logger=mod.__name__):
+    with caplog.at_level(logging.INFO, logger=sysctls.__name__):
         set_sysctls(strict_arp=False, proc=tmp_path)
     assert (tmp_path / "net/ipv4/vs/conntrack").read_text() == "1\n"
     assert (tmp_path / "net/ipv4/vs/expire_quiescent_template").read_text() == "1\n"
@@ -118,6 +125,76 @@ def test_set_sysctls_fails_without_ipvs_sysctls(tmp_path: Path) -> None:
     (tmp_path / "net/ipv4").mkdir(parents=True)
     with pytest.raises(OSError, match="net/ipv4/vs/conntrack"):
         set_sysctls(strict_arp=True, proc=tmp_path)
+
+
+def flow(protocol: Protocol, dst: str, port: int, reply_src: str) -> conntrack.Flow:
+    client = ip_address("198.18.0.1")
+    return conntrack.Flow(protocol, client, 40000, ip_address(dst), port, ip_address(reply_src), 53)
+
+
+class FakeKernel:
+    """The IPVS socket of a Kernel, recording dest deletes."""
+
+    def __init__(self) -> None:
+        self.ipvs = self
+        self.deleted: list[str] = []
+
+    def dest(self, cmd: str, service: object, dest: object) -> None:
+        self.deleted.append(cmd)
+
+
+def test_removed_udp_real_servers_lose_their_flows_in_one_dump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Instead of a `conntrack -D` per removed UDP/SCTP real server, one netlink dump picks
+    the flows whose original destination is the virtual server and whose reply comes from
+    a removed real server (or any, for a removed virtual server)."""
+    udp = VirtualServer(ip_address("10.96.0.10"), 53, Protocol.UDP)
+    sctp = VirtualServer(ip_address("10.96.0.11"), 99, Protocol.SCTP)
+    tcp = VirtualServer(ip_address("10.96.0.12"), 80, Protocol.TCP)
+    graceful, kernel = GracefulTermination(), FakeKernel()
+
+    def write(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        fn(*args, **kwargs)
+
+    for vs in (udp, tcp):
+        graceful.delete(kernel, write, vs, RealServer(ip_address("10.244.0.2"), 5353))
+    graceful.service_deleted(sctp)
+    flows = [
+        flow(Protocol.UDP, "10.96.0.10", 53, "10.244.0.2"),  # removed real server
+        flow(Protocol.UDP, "10.96.0.10", 53, "10.244.0.3"),  # one that stays
+        flow(Protocol.UDP, "10.96.0.12", 80, "10.244.0.2"),  # not the same virtual server
+        flow(Protocol.SCTP, "10.96.0.11", 99, "10.244.0.9"),  # its virtual server went
+    ]
+    calls: list[tuple[list[conntrack.Flow], frozenset[Protocol]]] = []
+
+    def delete_flows(pick: Any, protocols: Any, family: Any, why: str) -> int:
+        picked = list(pick(flows))
+        calls.append((picked, protocols))
+        return len(picked)
+
+    monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
+    graceful.clear_flows()
+    assert calls == [([flows[0], flows[3]], frozenset({Protocol.UDP, Protocol.SCTP}))]
+    assert kernel.deleted == ["del", "del"]
+    graceful.clear_flows()  # nothing new removed: no dump
+    assert len(calls) == 1
+
+
+def test_problems_are_logged_one_by_one_and_raised_together(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    problems = Problems("IPVS sync")
+    problems.raise_any()  # none: nothing raised
+    with caplog.at_level(logging.ERROR):
+        problems.add("Service ns/a:http: virtual server 10.96.0.1:80/TCP: refused")
+        problems.add("Service ns/b:dns: real server 10.96.0.2:53/UDP -> 10.244.0.2:53: refused")
+    assert [r.getMessage().split(": ")[1] for r in caplog.records] == [
+        "Service ns/a:http",
+        "Service ns/b:dns",
+    ]
+    with pytest.raises(KernelRefused, match=r"2 kernel errors: Service ns/a.*Service ns/b"):
+        problems.raise_any()
 
 
 @pytest.fixture

@@ -78,6 +78,9 @@ def nat(call: list[TableState]) -> TableState:
     return next(t for t in call if t.name == "nat")
 
 
+V4 = {"ip_family": "IPv4"}  # the label of kube-proxy's per-family metrics
+
+
 def sample(proxier: Proxier, name: str, labels: dict[str, str] | None = None) -> Any:
     return proxier.metrics.registry.get_sample_value(name, labels or {})
 
@@ -114,12 +117,12 @@ def test_partial_then_periodic_full(setup: Any) -> None:
     proxier.sync()
     partial = nat(applier.calls[-1])
     assert chain("api") in partial.kept and chain("web") in partial.chains
-    assert sample(proxier, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count") == 1
+    assert sample(proxier, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", V4) == 1
     clock.now = 31
     proxier.sync()
     assert not nat(applier.calls[-1]).kept
-    assert sample(proxier, "kubeproxy_sync_full_proxy_rules_duration_seconds_count") == 2
-    assert sample(proxier, "kubeproxy_sync_proxy_rules_iptables_total", {"table": "nat"}) > 0
+    assert sample(proxier, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", V4) == 2
+    assert sample(proxier, "kubeproxy_sync_proxy_rules_iptables_total", {**V4, "table": "nat"}) > 0
     assert sample(proxier, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 3
 
 
@@ -132,7 +135,7 @@ def test_missing_kept_chain_falls_back_to_full(setup: Any) -> None:
     proxier.sync()
     assert nat(applier.calls[-2]).kept and not nat(applier.calls[-1]).kept
     failures = "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
-    assert sample(proxier, failures) == 1
+    assert sample(proxier, failures, V4) == 1
 
 
 def test_failed_sync_retries_with_backoff_and_a_full_sync(setup: Any) -> None:
@@ -144,7 +147,7 @@ def test_failed_sync_retries_with_backoff_and_a_full_sync(setup: Any) -> None:
     proxier.sync()
     proxier.sync()
     assert runner.retries == [2, 4]
-    assert sample(proxier, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 2
+    assert sample(proxier, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", V4) == 2
     clock.now = 2
     proxier.sync()
     assert not nat(applier.calls[-1]).kept

@@ -18,7 +18,18 @@ from ipaddress import ip_address
 import pytest
 from upstream_goldens import BAD_IPS_EXPECTED, OVERALL_EXPECTED
 
-from pykubeproxy.iptables.trace import Packet, Ruleset, TraceError, parse, trace
+from pykubeproxy.iptables.trace import (
+    IpSet,
+    NodeState,
+    Packet,
+    RealServer,
+    Ruleset,
+    TraceError,
+    TraceResult,
+    VirtualService,
+    parse,
+    trace,
+)
 
 TEST_NODE_IP = "192.168.0.2"
 TEST_EXTERNAL_CLIENT = "203.0.113.2"
@@ -322,3 +333,127 @@ COMMIT
 def test_bad_text_is_an_error(text: str) -> None:
     with pytest.raises(TraceError):
         parse(text)
+
+
+def test_statistic_branches_carry_their_probability() -> None:
+    """Three endpoints behind 1/3 then 1/2 then no dice: each reached a third of the time;
+    nth mode counts 1/N, a negated probability its complement."""
+    ruleset = parse("""
+*nat
+-A OUTPUT -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.1.0.1:80
+-A OUTPUT -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 10.1.0.2:80
+-A OUTPUT -j DNAT --to-destination 10.1.0.3:80
+-A POSTROUTING -m statistic --mode nth --every 4 --packet 0 -j MASQUERADE
+-A POSTROUTING -m statistic --mode random ! --probability 0.25 -j MASQUERADE
+COMMIT
+""")
+    result = trace(ruleset, Packet(ip_address("10.0.0.1"), ip_address("10.96.0.1"), 80), {"10.0.0.1"})
+    shares: dict[str, float] = {}
+    for path in result.paths:
+        shares[path.output] = shares.get(path.output, 0.0) + path.probability
+    assert {k: round(v, 6) for k, v in shares.items()} == {
+        "10.1.0.1:80": 0.333333, "10.1.0.2:80": 0.333333, "10.1.0.3:80": 0.333333
+    }
+    masqueraded = sum(p.probability for p in result.paths if p.masquerade)
+    assert masqueraded == pytest.approx(1 / 4 + 3 / 4 * 3 / 4)
+
+
+IPVS_RULES = """
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A PREROUTING -j KUBE-SERVICES
+-A OUTPUT -j KUBE-SERVICES
+-A POSTROUTING -j KUBE-POSTROUTING
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst ! -s 10.244.0.0/16 -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -m physdev ! --physdev-is-in -m set --match-set KUBE-EXTERNAL-IP dst,dst -j MARK --or-mark 0x4000
+-A KUBE-POSTROUTING -m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE
+-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE
+COMMIT
+*filter
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-IPVS-OUT-FILTER - [0:0]
+-A INPUT -j KUBE-IPVS-FILTER
+-A OUTPUT -j KUBE-IPVS-OUT-FILTER
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-CLUSTER-IP dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-EXTERNAL-IP dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-NODE-PORT-TCP dst -j RETURN
+-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set KUBE-IPVS-IPS dst -j REJECT
+-A KUBE-IPVS-OUT-FILTER -s 203.0.113.5 -m ipvs --vaddr 203.0.113.5 --vproto 6 --vport 80 -j DROP
+COMMIT
+"""
+IPVS_LOCAL = ("10.96.0.10", "203.0.113.5", "198.18.0.2", "127.0.0.1")
+
+
+def ipvs_node(weights: tuple[int, ...] = (1, 1)) -> NodeState:
+    servers = tuple(RealServer(f"10.244.0.{n + 2}:8080", w) for n, w in enumerate(weights))
+    return NodeState(
+        ipsets={
+            "KUBE-CLUSTER-IP": IpSet("hash:ip,port", frozenset({"10.96.0.10,tcp:80"})),
+            "KUBE-EXTERNAL-IP": IpSet("hash:ip,port", frozenset({"203.0.113.5,tcp:80"})),
+            "KUBE-NODE-PORT-TCP": IpSet("bitmap:port", frozenset({"30080"})),
+            "KUBE-LOOP-BACK": IpSet("hash:ip,port,ip", frozenset({"10.244.0.2,tcp:8080,10.244.0.2"})),
+            "KUBE-IPVS-IPS": IpSet("hash:ip", frozenset({"10.96.0.10", "203.0.113.5"})),
+        },
+        virtual_services={
+            (ip_address(vip), port, "tcp"): VirtualService("rr", servers)
+            for vip, port in (("10.96.0.10", 80), ("203.0.113.5", 80), ("198.18.0.2", 30080))
+        },
+    )
+
+
+def ipvs_trace(source: str, dest: str, port: int, node: NodeState, bridged: bool | None = None) -> TraceResult:
+    packet = Packet(ip_address(source), ip_address(dest), port, bridged=bridged)
+    return trace(parse(IPVS_RULES), packet, IPVS_LOCAL, node)
+
+
+def test_ipvs_picks_real_servers_by_weight_after_filter_input() -> None:
+    result = ipvs_trace("10.244.0.9", "10.96.0.10", 80, ipvs_node((1, 3)))
+    assert {p.output: p.probability for p in result.paths} == {"10.244.0.2:8080": 0.25, "10.244.0.3:8080": 0.75}
+    assert [(s.table, s.chain) for s in result.paths[0].steps][:4] == [
+        ("nat", "PREROUTING"), ("filter", "INPUT"), ("filter", "KUBE-IPVS-FILTER"), ("ipvs", "10.96.0.10:80/TCP"),
+    ]
+    assert result.assumptions == () and not result.masquerade
+    hairpin = ipvs_trace("10.244.0.2", "10.96.0.10", 80, ipvs_node((1, 0)))  # weight 0: draining
+    assert (hairpin.output, hairpin.masquerade) == ("10.244.0.2:8080", True)
+    empty = ipvs_trace("10.244.0.9", "10.96.0.10", 80, ipvs_node(()))
+    assert empty.output == "REJECT" and empty.paths[0].steps[-1].table == "ipvs"
+
+
+def test_ipvs_filters_sets_physdev_and_the_ipvs_match() -> None:
+    node = ipvs_node()
+    assert ipvs_trace("10.244.0.9", "10.96.0.10", 81, node).output == "REJECT"  # port not served
+    assert ipvs_trace("198.19.0.9", "198.18.0.2", 30080, node).output == "10.244.0.2:8080, 10.244.0.3:8080"
+    # The node reaching a VIP: from the cluster-IP outside the pod CIDR, so masqueraded.
+    assert ipvs_trace("198.18.0.2", "10.96.0.10", 80, node).masquerade
+    # The node reaching the LB IP from the LB IP: KUBE-IPVS-OUT-FILTER drops it (-m ipvs).
+    assert ipvs_trace("203.0.113.5", "203.0.113.5", 80, node).output == "DROP"
+    # External IPs: masqueraded unless the packet came over the bridge (physdev).
+    assert ipvs_trace("198.19.0.9", "203.0.113.5", 80, node, bridged=False).masquerade
+    assert not ipvs_trace("10.244.0.9", "203.0.113.5", 80, node, bridged=True).masquerade
+    unknown = ipvs_trace("198.19.0.9", "203.0.113.5", 80, node)
+    assert any("--physdev-is-in" in a for a in unknown.assumptions)
+    without_sets = trace(parse(IPVS_RULES), Packet(ip_address("10.244.0.9"), ip_address("10.96.0.10"), 80),
+                         IPVS_LOCAL, NodeState(virtual_services=node.virtual_services))  # fmt: skip
+    assert any("--match-set KUBE-CLUSTER-IP" in a for a in without_sets.assumptions)
+
+
+def test_affinity_entries_send_a_known_client_to_its_endpoint() -> None:
+    ruleset = parse("""
+*nat
+:KUBE-SVC - [0:0]
+:KUBE-SEP-A - [0:0]
+:KUBE-SEP-B - [0:0]
+-A PREROUTING -j KUBE-SVC
+-A KUBE-SVC -m recent --name KUBE-SEP-A --rcheck --seconds 10800 --reap --mask 255.255.255.255 --rsource -j KUBE-SEP-A
+-A KUBE-SVC -m recent --name KUBE-SEP-B --rcheck --seconds 10800 --reap --mask 255.255.255.255 --rsource -j KUBE-SEP-B
+-A KUBE-SVC -m statistic --mode random --probability 0.5 -j KUBE-SEP-A
+-A KUBE-SVC -j KUBE-SEP-B
+-A KUBE-SEP-A -m recent --set --name KUBE-SEP-A --mask 255.255.255.255 --rsource -j DNAT --to-destination 10.1.0.1:80
+-A KUBE-SEP-B -m recent --set --name KUBE-SEP-B --mask 255.255.255.255 --rsource -j DNAT --to-destination 10.1.0.2:80
+COMMIT
+""")
+    packet = Packet(ip_address("10.0.0.7"), ip_address("10.96.0.1"), 80)
+    assert trace(ruleset, packet, ()).output == "10.1.0.1:80, 10.1.0.2:80"
+    known = NodeState(recent={"KUBE-SEP-B": frozenset({ip_address("10.0.0.7")})})
+    assert trace(ruleset, packet, (), known).output == "10.1.0.2:80"
