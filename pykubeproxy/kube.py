@@ -105,34 +105,67 @@ def api_client(kubeconfig: str, master: str) -> Any:
     return kubernetes.client.ApiClient(configuration)
 
 
+class ApiError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, reason: str, headers: Any, body: bytes) -> None:
+        super().__init__(f"HTTP {status} {reason}: {body[:300]!r}")
+        self.status, self.reason, self.headers = status, reason, headers
+
+
+def api_request(
+    client: Any,
+    method: str,
+    path: str,
+    query: dict[str, str],
+    timeout: tuple[float, float],
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """One request with JSON in and out; the urllib3 response (unread) on success.
+
+    The client's generated API classes are not used: each carries hundreds of model classes
+    to build at import, which made the agent's start seconds (and, emulated, minutes) slower
+    for objects it reads as plain JSON anyway.
+    """
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = client.param_serialize(
+        method,
+        path,
+        query_params=list(query.items()) or None,
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = client.call_api(*request, _request_timeout=timeout)
+    if not 200 <= response.status <= 299:
+        raise ApiError(response.status, response.reason, response.headers, response.read())
+    return response.response
+
+
 @dataclass(frozen=True)
 class Kind:
-    """One watched collection: the generated client method that lists/watches it."""
+    """One watched collection: its API path and kube-proxy's selectors for it."""
 
     name: str
-    api: str
-    method: str
+    path: str
     label_selector: str | None = None
     field_selector: str | None = None
 
 
 def services_kind() -> Kind:
-    return Kind(
-        "Service", "CoreV1Api", "list_service_for_all_namespaces", label_selector=PROXY_SELECTOR
-    )
+    return Kind("Service", "/api/v1/services", label_selector=PROXY_SELECTOR)
 
 
 def endpoint_slices_kind() -> Kind:
     return Kind(
-        "EndpointSlice",
-        "DiscoveryV1Api",
-        "list_endpoint_slice_for_all_namespaces",
-        label_selector=PROXY_SELECTOR,
+        "EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", label_selector=PROXY_SELECTOR
     )
 
 
 def node_kind(node_name: str) -> Kind:
-    return Kind("Node", "CoreV1Api", "list_node", field_selector=f"metadata.name={node_name}")
+    return Kind("Node", "/api/v1/nodes", field_selector=f"metadata.name={node_name}")
 
 
 def object_key(obj: dict[str, Any]) -> str:
@@ -200,20 +233,19 @@ class Reflector:
                 self.stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _request(self, read_timeout: float, **query: Any) -> Any:
+    def _request(self, read_timeout: float, **query: str) -> Any:
         """The raw HTTP response of a list or watch call (JSON is parsed by the caller)."""
-        method = getattr(getattr(kubernetes.client, self.kind.api)(self.client), self.kind.method)
-        query = {k: v for k, v in query.items() if v not in ("", None)}
+        selectors = {
+            "labelSelector": self.kind.label_selector,
+            "fieldSelector": self.kind.field_selector,
+        }
+        params = {k: v for k, v in {**selectors, **query}.items() if v}
         self.limiter.wait()
         try:
-            return method(
-                label_selector=self.kind.label_selector,
-                field_selector=self.kind.field_selector,
-                _preload_content=False,
-                _request_timeout=(CONNECT_TIMEOUT, read_timeout),
-                **query,
+            return api_request(
+                self.client, "GET", self.kind.path, params, (CONNECT_TIMEOUT, read_timeout)
             )
-        except kubernetes.client.exceptions.ApiException as err:
+        except ApiError as err:
             self._raise_for(err.status, err.reason, err.headers)
             raise
 
@@ -230,7 +262,7 @@ class Reflector:
         items: dict[str, dict[str, Any]] = {}
         token = ""
         while True:
-            response = self._request(60, limit=PAGE_SIZE, _continue=token)
+            response = self._request(60, limit=str(PAGE_SIZE), **{"continue": token})
             page = json.loads(response.data)
             for obj in page.get("items") or []:
                 items[object_key(obj)] = obj
@@ -261,10 +293,10 @@ class Reflector:
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
         response = self._request(
             timeout + 30,
-            watch=True,
-            allow_watch_bookmarks=True,
-            resource_version=self.resource_version,
-            timeout_seconds=timeout,
+            watch="true",
+            allowWatchBookmarks="true",
+            resourceVersion=self.resource_version,
+            timeoutSeconds=str(timeout),
         )
         try:
             for line in _lines(response):
@@ -361,25 +393,17 @@ def read_only_sysfs_event(node_name: str) -> dict[str, Any]:
 
 
 def post_event(client: Any, event: dict[str, Any], limiter: RateLimiter = UNLIMITED) -> None:
-    """Create an Event (events.k8s.io/v1); raises the API's error."""
+    """Create an Event (events.k8s.io/v1); raises ApiError on an error answer."""
     limiter.wait()
-    api: Any = kubernetes.client.EventsV1Api(client)  # raw dicts, not the generated models
-    api.create_namespaced_event(
-        event["metadata"]["namespace"],
-        event,
-        _preload_content=False,
-        _request_timeout=(CONNECT_TIMEOUT, 30),
-    )
+    namespace = event["metadata"]["namespace"]
+    path = f"/apis/events.k8s.io/v1/namespaces/{namespace}/events"
+    api_request(client, "POST", path, {}, (CONNECT_TIMEOUT, 30), body=event).release_conn()
 
 
 def get_node(client: Any, name: str, limiter: RateLimiter = UNLIMITED) -> dict[str, Any] | None:
     """This node's Node object (None when absent), listed by name as the Node watch is."""
     limiter.wait()
-    api: Any = kubernetes.client.CoreV1Api(client)
-    response = api.list_node(
-        field_selector=f"metadata.name={name}",
-        _preload_content=False,
-        _request_timeout=(CONNECT_TIMEOUT, 30),
-    )
+    query = {"fieldSelector": f"metadata.name={name}"}
+    response = api_request(client, "GET", "/api/v1/nodes", query, (CONNECT_TIMEOUT, 30))
     items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
     return items[0] if items else None

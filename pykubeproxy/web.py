@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,17 +48,44 @@ def _handler(routes: Routes, name: str) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _start(host: str, port: int, routes: Routes, name: str) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _handler(routes, name))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-    log.info("serving %s on %s:%d", name, host, server.server_address[1])
-    return server
+class Server:
+    """One served address: serving now (`http`), or retried in the background until it is."""
+
+    def __init__(self, address: str, routes: Routes, name: str) -> None:
+        self.address, self.routes, self.name = address, routes, name
+        self.http: ThreadingHTTPServer | None = None
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread; raises OSError when the port cannot be bound."""
+        host, port = parse_bind_address(self.address)
+        http = ThreadingHTTPServer((host, port), _handler(self.routes, self.name))
+        http.daemon_threads = True
+        threading.Thread(target=http.serve_forever, name=self.name, daemon=True).start()
+        log.info("serving %s on %s:%d", self.name, host, http.server_address[1])
+        self.http = http
+
+    def retry(self) -> None:
+        """Try again every RETRY_INTERVAL seconds, in the background, until bound or closed."""
+
+        def loop() -> None:
+            while not self._closed.wait(RETRY_INTERVAL):
+                try:
+                    self.start()
+                    return
+                except OSError as err:
+                    log.error("starting %s server on %s failed: %s", self.name, self.address, err)
+
+        threading.Thread(target=loop, name=f"{self.name}-retry", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
 
 
-def serve(
-    address: str, routes: Routes, name: str, *, hard_fail: bool = True
-) -> ThreadingHTTPServer | None:
+def serve(address: str, routes: Routes, name: str, *, hard_fail: bool = True) -> Server | None:
     """Serve `routes` on `address` in a daemon thread; an empty address serves nothing.
 
     A port that cannot be bound raises with `hard_fail` (upstream's bindAddressHardFail);
@@ -68,23 +94,13 @@ def serve(
     if not address:
         log.info("%s server disabled (empty bind address)", name)
         return None
-    host, port = parse_bind_address(address)
+    server = Server(address, routes, name)
     try:
-        return _start(host, port, routes, name)
+        server.start()
     except OSError as err:
         if hard_fail:
             raise OSError(f"starting {name} server on {address} failed: {err}") from None
         log.error("starting %s server on %s failed: %s; retrying every %.0fs",
                   name, address, err, RETRY_INTERVAL)  # fmt: skip
-
-    def retry() -> None:
-        while True:
-            time.sleep(RETRY_INTERVAL)
-            try:
-                _start(host, port, routes, name)
-                return
-            except OSError as err:
-                log.error("starting %s server on %s failed: %s", name, address, err)
-
-    threading.Thread(target=retry, name=f"{name}-retry", daemon=True).start()
-    return None
+        server.retry()
+    return server

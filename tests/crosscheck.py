@@ -18,6 +18,8 @@ from typing import Any
 from pykubeproxy.sandbox.netns import Host, NetNS, Pod, TrafficTimeout
 
 DROP_TIMEOUT = 1.5  # seconds without an answer that count as DROP
+# Seconds for one explain command: about one on hardware, minutes in the emulated IPVS VM.
+EXPLAIN_TIMEOUT = 300.0
 # ("10.244.0.2:8080", "masquerade"|"kept" or the source address seen), ("REJECT",), ("DROP",)
 Outcome = tuple[str, ...]
 
@@ -33,13 +35,13 @@ def explain(
     """explain's JSON for one connection, computed inside `node` from its kernel."""
     argv = [sys.executable, "-m", "pykubeproxy", "explain", f"{ip}:{port}", *_from(source),
             "-p", protocol, "-o", "json", *flags]  # fmt: skip
-    return dict(json.loads(node.exec(argv, timeout=60).stdout))
+    return dict(json.loads(node.exec(argv, timeout=EXPLAIN_TIMEOUT).stdout))
 
 
 def explain_text(node: NetNS, ip: str, port: int, source: str | None, *flags: str) -> str:
     argv = [sys.executable, "-m", "pykubeproxy", "explain", f"{ip}:{port}", *_from(source),
             *flags]  # fmt: skip
-    return str(node.exec(argv, timeout=60, check=False).stdout)
+    return str(node.exec(argv, timeout=EXPLAIN_TIMEOUT, check=False).stdout)
 
 
 def _outcomes(document: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -6,8 +6,8 @@ kubeadm gives kube-proxy (tests/kube_proxy_node.py); the API double serves HTTPS
 service account's token, which kubeconfig.conf names. The host-wide conntrack settings are
 files of the test; the per-namespace conntrack timeouts are the node namespace's own.
 
-IPVS mode needs ip_vs, which this host's kernel lacks: tests/ipvs/test_ipvs_configmaps.py
-runs the IPVS ConfigMaps in the VM.
+IPVS mode needs ip_vs, which this host's kernel lacks: the IPVS ConfigMaps are loaded by the
+unit tests (tests/unit/test_config.py).
 """
 
 from __future__ import annotations

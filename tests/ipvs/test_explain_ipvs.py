@@ -6,7 +6,7 @@ endpoints and a NodePort and for one without endpoints, written by the agent's I
 ``pykubeproxy explain`` inside the node reads its IPVS services, ipsets and IPVS-mode
 iptables rules, and its predictions (real servers, masquerade and the source the pod sees,
 refusal) must be what connections do (tests/crosscheck.py); ``explain -f`` offline must
-predict the same. ``render -f --proxy-mode ipvs`` must be what the backend made: the same
+predict the same. ``render -f --proxy-mode ipvs``'s output must be what the backend made: the same
 virtual and real servers as ``ipvsadm-save -n``, the same kube-ipvs0 addresses and ipset
 members, and, restored into an empty namespace after its ipsets, the same iptables tables.
 """
@@ -16,17 +16,18 @@ from __future__ import annotations
 import functools
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any
 
 import crosscheck
 import pytest
 
+from pykubeproxy import config as config_module
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
+from pykubeproxy.config import ProxyConfig
 from pykubeproxy.convert import object_name, slice_service
+from pykubeproxy.explain import explain_packet, json_output, rendered_view
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.ipvs.applier import IpvsApplier
 from pykubeproxy.ipvs.backend import IpvsBackend
@@ -36,6 +37,7 @@ from pykubeproxy.ipvs.sysctls import set_sysctls
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import NodeFacts
 from pykubeproxy.nodeinfo import local_addresses
+from pykubeproxy.render_cmd import RenderedNode, Snapshot, cluster_model, render_node, render_text
 from pykubeproxy.sandbox.lab import NODE_NAME, endpoint_slice, service
 from pykubeproxy.sandbox.netns import Cluster, NetNS
 
@@ -94,14 +96,18 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def offline(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The same objects as kubectl lists them, and the node's addresses (eth0, cbr0)."""
-    snapshot = tmp_path_factory.mktemp("ipvs") / "cluster.json"
-    items = cluster_objects(cluster)
-    snapshot.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
-    return ["-f", str(snapshot), "--node", NODE_NAME, "--proxy-mode", "ipvs",
-            "--cluster-cidr", cluster.cluster_cidr, "--node-address", cluster.node_ip,
-            "--node-address", cluster.gateway_ip]  # fmt: skip
+def offline(cluster: Cluster) -> RenderedNode:
+    """What ``render``/``explain -f --proxy-mode ipvs --cluster-cidr ...`` compute from the
+    same objects (in this process: each command costs minutes under emulation), with the
+    node's addresses (eth0, cbr0) given as ``--node-address``."""
+    snapshot = Snapshot()
+    snapshot.add({"apiVersion": "v1", "kind": "List", "items": cluster_objects(cluster)})
+    addresses = (ip_address(cluster.node_ip), ip_address(cluster.gateway_ip))
+    return render_node(cluster_model(snapshot, NODE_NAME, addresses), config(cluster))
+
+
+def config(cluster: Cluster) -> ProxyConfig:
+    return config_module.load(["--proxy-mode", "ipvs", "--cluster-cidr", cluster.cluster_cidr])
 
 
 @pytest.mark.parametrize(
@@ -115,7 +121,7 @@ def offline(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> list[
     ],
 )
 def test_explain_predicts_what_ipvs_does(
-    cluster: Cluster, offline: list[str], client: str, ip: str, port: int, kinds: set[str]
+    cluster: Cluster, offline: RenderedNode, client: str, ip: str, port: int, kinds: set[str]
 ) -> None:
     source = cluster.pods[client[4:]] if client.startswith("pod:") else (
         cluster.node if client == "node" else cluster.client
@@ -123,8 +129,9 @@ def test_explain_predicts_what_ipvs_does(
     ip = cluster.node_ip if ip == "node" else ip
     live = crosscheck.check(cluster.node, source, ip, port, cluster.pods, TARGET)
     assert {outcome[-1] for outcome in live} == kinds
-    document = crosscheck.explain(cluster.node, ip, port, source.ip, "tcp", *offline)
-    assert crosscheck.predicted(document) == live
+    view = rendered_view(offline, "offline", ip_network(cluster.cluster_cidr))
+    explained = explain_packet(view, ip_address(ip), port, "tcp", source=ip_address(source.ip))
+    assert crosscheck.predicted(json.loads(json_output([explained], view))) == live
 
 
 def sections(text: str) -> dict[str, list[str]]:
@@ -154,10 +161,8 @@ def set_members(ns: NetNS) -> list[str]:
     return sorted(line for line in saved if line.startswith("add KUBE-"))
 
 
-def test_render_is_what_the_backend_made(cluster: Cluster, offline: list[str]) -> None:
-    argv = [sys.executable, "-m", "pykubeproxy", "render", *offline]
-    text = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=SLOW).stdout
-    parts = sections(text)
+def test_render_is_what_the_backend_made(cluster: Cluster, offline: RenderedNode) -> None:
+    parts = sections(render_text(offline, config(cluster)))
     node = cluster.node
     assert sorted(parts["IPVS"]) == ipvsadm_save(node)
     # web: its ClusterIP and a NodePort on each node address (eth0, cbr0), 3 real servers

@@ -11,6 +11,8 @@ import json
 import logging
 import socket
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -300,18 +302,28 @@ def test_status_routes() -> None:
     assert json.loads(body)["kubeproxy.config.k8s.io"]["Mode"] == "ipvs"
 
 
-def test_servers_empty_address_hard_fail_and_retry() -> None:
+def test_servers_empty_address_hard_fail_and_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty: no server. A taken port: fatal with bindAddressHardFail, else retried."""
     assert serve("", {}, "metrics") is None
+    monkeypatch.setattr("pykubeproxy.web.RETRY_INTERVAL", 0.05)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    address = f"127.0.0.1:{taken.getsockname()[1]}"
+    port = taken.getsockname()[1]
+    with pytest.raises(OSError, match="starting metrics server on"):
+        serve(f"127.0.0.1:{port}", {}, "metrics", hard_fail=True)
+    server = serve(f"127.0.0.1:{port}", {"/x": lambda: (200, "text/plain", b"x")}, "metrics",
+                   hard_fail=False)  # fmt: skip
+    assert server is not None and server.http is None
+    taken.close()
     try:
-        with pytest.raises(OSError, match="starting metrics server on"):
-            serve(address, {}, "metrics", hard_fail=True)
-        assert serve(address, {}, "metrics", hard_fail=False) is None  # retried in background
+        deadline = time.monotonic() + 10
+        while server.http is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=5) as answer:
+            assert answer.read() == b"x"
     finally:
-        taken.close()
+        server.close()
 
 
 # --- IPVS timeouts
