@@ -191,8 +191,14 @@ class Reflector:
         self.handler = handler
         self.on_synced = on_synced
         self.stop = stop
-        self.cache: dict[str, dict[str, Any]] = {}
+        # Key → resourceVersion of what the handler was last given: enough to tell, on a
+        # re-list, what changed and what went, without holding every object twice.
+        self.known: dict[str, str] = {}
         self.resource_version = ""
+        # The first list may be served from the API server's cache (resourceVersion "0": one
+        # response, no paging, as client-go's reflector asks); a list after an expired watch
+        # reads the latest state, since the cache can be just as stale as the watch was.
+        self.list_from_cache = True
         self.synced = False
 
     def start(self) -> threading.Thread:
@@ -215,6 +221,7 @@ class Reflector:
                     self.resource_version,
                 )
                 self.resource_version = ""
+                self.list_from_cache = False
             except RetryableError as err:
                 delay = err.delay if err.delay is not None else backoff
                 log.warning(
@@ -258,30 +265,42 @@ class Reflector:
             raise RetryableError(f"HTTP {status} {reason}", delay)
 
     def list(self) -> None:
-        """Page through the collection, then deliver what changed against the cache."""
-        items: dict[str, dict[str, Any]] = {}
+        """Page through the collection, delivering what changed against what was known.
+
+        Each object is handed on as soon as it is read and then dropped, so a list of
+        10,000 objects is never held twice (parsed and converted) for long.
+        """
+        seen: set[str] = set()
         token = ""
+        first_page = {"resourceVersion": "0"} if self.list_from_cache else {}
         while True:
-            response = self._request(60, limit=str(PAGE_SIZE), **{"continue": token})
+            page_query = {"continue": token} if token else first_page
+            response = self._request(60, limit=str(PAGE_SIZE), **page_query)
             page = json.loads(response.data)
-            for obj in page.get("items") or []:
-                items[object_key(obj)] = obj
+            response.release_conn()
+            del response
+            objects = page.get("items") or []
+            objects.reverse()
+            while objects:
+                obj = objects.pop()
+                key = object_key(obj)
+                seen.add(key)
+                version = (obj.get("metadata") or {}).get("resourceVersion") or ""
+                if not version or self.known.get(key) != version:
+                    self.known[key] = version
+                    self.handler(key, obj)
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
             if not token:
                 break
-        for key in set(self.cache) - set(items):
-            del self.cache[key]
+        for key in set(self.known) - seen:
+            del self.known[key]
             self.handler(key, None)
-        for key, obj in items.items():
-            if self.cache.get(key) != obj:
-                self.cache[key] = obj
-                self.handler(key, obj)
         self.resource_version = meta.get("resourceVersion") or ""
         log.info(
             "%s: listed %d objects at resourceVersion %s",
             self.kind.name,
-            len(items),
+            len(seen),
             self.resource_version,
         )
         if not self.synced:
@@ -321,10 +340,10 @@ class Reflector:
             return
         key = object_key(obj)
         if kind == "DELETED":
-            if self.cache.pop(key, None) is not None:
+            if self.known.pop(key, None) is not None:
                 self.handler(key, None)
         elif kind in ("ADDED", "MODIFIED"):
-            self.cache[key] = obj
+            self.known[key] = version or ""
             self.handler(key, obj)
 
 

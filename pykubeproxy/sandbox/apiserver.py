@@ -12,7 +12,9 @@ conventions an informer-style client depends on, so this double implements them:
   (AlreadyExists, NotFound, Conflict on a stale resourceVersion, BadRequest ...).
 * list: labelSelector (full syntax), fieldSelector (metadata.name,
   metadata.namespace), limit/continue paging over a consistent snapshot,
-  resourceVersion / resourceVersionMatch, 410 Expired after compaction.
+  resourceVersion / resourceVersionMatch, 410 Expired after compaction.  A list at
+  resourceVersion "0" is answered whole, ``limit`` ignored, as an API server answers it
+  from its watch cache (the API conventions allow a server to ignore ``limit`` there).
 * watch: HTTP/1.1 chunked, one JSON event per line.  Resume from a
   resourceVersion, synthetic ADDED events for "" and "0", a single 410 ERROR
   event for compacted versions, selector transitions reported as ADDED/DELETED,
@@ -979,7 +981,8 @@ class ApiServerDouble:
             keys = sorted(k for k, obj in state.items() if k > start and match(obj))
             items = [state[k] for k in keys]
         meta: Obj = {"resourceVersion": str(at)}
-        if 0 < limit < len(items):
+        from_cache = rv_param == "0"
+        if 0 < limit < len(items) and not from_cache:
             meta["continue"] = _encode_continue(at, keys[limit - 1])
             if not query.get("labelSelector") and not query.get("fieldSelector"):
                 meta["remainingItemCount"] = len(items) - limit

@@ -122,6 +122,10 @@ def test_watches_use_selectors_bookmarks_and_resource_versions(lab: Lab) -> None
             )
     node_lists = [r for r in lab.server.requests if r.path == "/api/v1/nodes"]
     assert all(r.query.get("fieldSelector") == "metadata.name=node-1" for r in node_lists)
+    # The first list of each kind may come from the server's cache: one response, no paging.
+    lists = [r for r in lab.server.requests if "watch" not in r.query]
+    for path in kinds:
+        assert next(r for r in lists if r.path == path).query.get("resourceVersion") == "0"
 
 
 def test_kill_and_restart_never_breaks_connections(lab: Lab) -> None:
@@ -174,6 +178,11 @@ def test_converges_after_dropped_watches_and_compacted_history(lab: Lab) -> None
     )
     assert "10.96.0.12" not in filter_rules(lab)  # deleted while disconnected
     assert "re-listing" in lab.agent_log()
+    # After a 410 the cache is no fresher than the watch was: the re-list reads the latest state.
+    service_lists = [
+        r for r in lab.server.requests if r.path == "/api/v1/services" and "watch" not in r.query
+    ]
+    assert "resourceVersion" not in service_lists[-1].query
     lab.server.drop_watches()
     web(lab, "web-1", "web-2")
     converge(lab, {"web-1", "web-2"}, "convergence after dropped watches")

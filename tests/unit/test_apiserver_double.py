@@ -458,6 +458,7 @@ def test_list_resource_version_semantics(server: ApiServerDouble) -> None:
     assert names(f"resourceVersion={old}&limit=10") == ["a"]  # legacy: limit means exact
     assert names(f"resourceVersion={old}") == ["a", "b"]  # NotOlderThan: served latest
     assert names("resourceVersion=0") == ["a", "b"]
+    assert names("resourceVersion=0&limit=1") == ["a", "b"]  # the watch cache ignores limit
 
     status, err, _ = call(server, "GET", f"/api/v1/services?resourceVersion={old + 100}")
     assert (status, err["reason"]) == (504, "Timeout")
