@@ -34,7 +34,7 @@ from pykubeproxy.logs import setup_logging
 from pykubeproxy.metrics import CountingApplier, Metrics
 from pykubeproxy.model import IPNetwork
 from pykubeproxy.nodeinfo import local_addresses, sysctl_read, sysctl_write
-from pykubeproxy.proxier import Proxier
+from pykubeproxy.proxier import HOURLY, Proxier
 from pykubeproxy.runner import BoundedFrequencyRunner
 from pykubeproxy.web import serve
 
@@ -184,7 +184,9 @@ def post_events(kube: Any, client: Any, events: list[dict[str, Any]], limiter: A
 def run(cfg: ProxyConfig) -> int:
     from pykubeproxy.iptables import applier as iptables_applier
 
-    iptables = iptables_applier.IptcApplier(samples=sample_rules)
+    iptables = iptables_applier.IptcApplier(
+        samples=sample_rules, learn_after=iptables_applier.LEARN_AFTER
+    )
     if cfg.cleanup:
         iptables.cleanup()
         remove_ipvs_leftovers()
@@ -240,6 +242,7 @@ def run(cfg: ProxyConfig) -> int:
         conntrack=startup.counted_reconcile(metrics),
         health_checks=health_checks,
         node_ip=startup.bind_ip(cfg),
+        full_sync_period=None if cfg.mode == "ipvs" else HOURLY,
     )
     runner = BoundedFrequencyRunner(proxier.sync, min_sync_period, sync_period)
     proxier.runner = runner

@@ -4,9 +4,11 @@ Watch threads call the `on_*` handlers, which only record changes and poke the
 runner. The runner thread calls `sync()`, which applies the trackers and asks
 the backend (iptables or IPVS) to make the kernel match, naming the Services
 that changed so a partial sync can leave the others alone. A full sync happens
-at start, every sync period, after a failure, and whenever the backend finds
-that state a partial sync relies on is gone (someone flushed or deleted our
-chains): that is how external damage is repaired.
+at start, every `full_sync_period` (hourly in iptables mode, as upstream's
+iptables proxier; every sync period in IPVS mode, whose upstream proxier has no
+partial syncs), after a failure, and whenever the backend finds that state a
+partial sync relies on is gone (someone flushed or deleted our chains): that is
+how external damage is repaired.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from pykubeproxy.model import (
 from pykubeproxy.topology import local_ready_endpoints
 
 log = logging.getLogger(__name__)
+
+# Upstream's iptables proxier rewrites every chain once an hour (pkg/proxy/util's
+# FullSyncPeriod); the syncs in between write only what changed.
+HOURLY = 3600.0
 
 
 Reconcile = Callable[[ServicePortMap, EndpointsMap], object]
@@ -67,12 +73,14 @@ class Proxier:
         conntrack: Reconcile | None = None,
         health_checks: HealthChecks | None = None,
         node_ip: IPAddress | None = None,
+        full_sync_period: float | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.health = health
         self.sync_period = sync_period
         self.min_sync_period = min_sync_period
+        self.full_sync_period = sync_period if full_sync_period is None else full_sync_period
         self._clock = clock
         self.conntrack = conntrack or ConntrackReconciler().reconcile
         self.health_checks = health_checks
@@ -169,7 +177,7 @@ class Proxier:
         full = (
             self._needs_full
             or self._last_full is None
-            or (now - self._last_full >= self.sync_period)
+            or (now - self._last_full >= self.full_sync_period)
         )
         started = time.monotonic()
         with self._lock:

@@ -6,6 +6,14 @@ deleted, missing jump rules are inserted, and everything lands in one atomic
 commit. Chains and rules the agent does not own are never touched: libiptc
 writes them back exactly as it read them.
 
+Between full syncs the applier remembers what its last commit wrote and the
+kernel's size of the table right after it (entries, bytes, hook offsets: one
+getsockopt, no table read). While the table still has that size, nobody has
+changed it, so a partial sync rewrites only the chains whose rules differ from
+what it wrote, and a sync with nothing to change does not touch the kernel.
+Any other writer (kubelet, a CNI plugin, an operator) changes the size, and the
+next sync checks and rewrites everything it was asked to, as before.
+
 Building a rule through python-iptables costs hundreds of microseconds, so the
 binary entry of each distinct rule is built once and cached: a re-sync that
 rewrites unchanged rules only copies cached bytes into libiptc.
@@ -17,9 +25,11 @@ import ctypes
 import fcntl
 import logging
 import os
+import socket
 import subprocess
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import iptc
@@ -27,7 +37,7 @@ import iptc
 from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.iptables.encoder import EntryEncoder
 from pykubeproxy.iptables.iptc_rules import built_entry
-from pykubeproxy.iptables.ruleset import CANARY, Argv, TableState, rule_identity
+from pykubeproxy.iptables.ruleset import CANARY, Argv, Jump, TableState, rule_identity
 from pykubeproxy.ownership import is_owned
 
 log = logging.getLogger(__name__)
@@ -38,10 +48,64 @@ MATCH_NAME_OFFSET = 2  # struct xt_entry_match: u16 match_size, char name[29], u
 MATCH_HEADER_SIZE = 32
 COMMENT_SIZE = 256
 SLOW_CACHE_LIMIT = 10_000
+# Rules one commit must write before learning the encoder pays off (python-iptables builds
+# a rule in ~0.2 ms; learning and checking every shape takes ~0.9 s).
+LEARN_AFTER = 3_000
 
 
 class ApplyError(RuntimeError):
     """The kernel refused a transaction; nothing of it was applied."""
+
+
+IPT_SO_GET_INFO = 64  # linux/netfilter_ipv4/ip_tables.h: IPT_BASE_CTL
+TableInfo = tuple[int, ...]
+
+
+class _IptGetInfo(ctypes.Structure):
+    """struct ipt_getinfo: a table's size and hook offsets, without its entries."""
+
+    _fields_ = [
+        ("name", ctypes.c_char * 32),
+        ("valid_hooks", ctypes.c_uint),
+        ("hook_entry", ctypes.c_uint * 5),
+        ("underflow", ctypes.c_uint * 5),
+        ("num_entries", ctypes.c_uint),
+        ("size", ctypes.c_uint),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def table_info(name: str) -> TableInfo | None:
+    """The table's entry count, byte size and hook offsets; None if it cannot be read."""
+    info = _IptGetInfo(name=name.encode())
+    length = ctypes.c_uint(ctypes.sizeof(info))
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        status = _libc.getsockopt(
+            sock.fileno(),
+            socket.IPPROTO_IP,
+            IPT_SO_GET_INFO,
+            ctypes.byref(info),
+            ctypes.byref(length),
+        )
+    if status != 0:
+        return None
+    return (info.num_entries, info.size, *info.hook_entry, *info.underflow)
+
+
+@dataclass
+class Written:
+    """What the applier's last commit left in one table.
+
+    `chains` maps every owned chain there to the rules written in it, or to None
+    when the chain was kept and its rules are not known here.
+    """
+
+    info: TableInfo
+    chains: dict[str, list[Argv] | None]
+    jumps: list[Jump]
+    ensured: dict[str, list[Argv]]
 
 
 def _jump_identity(entry: Any, table: Any) -> tuple[str, str] | None:
@@ -92,13 +156,19 @@ class IptcApplier:
         lock_path: str = XTABLES_LOCK,
         *,
         samples: Callable[[], Iterable[Argv]] | None = None,
+        learn_after: int = 0,
     ) -> None:
         self.lock_path = lock_path
         # Entries only python-iptables can build, kept because each costs ~300 µs.
         self._slow_entries: dict[Argv, Any] = {}
-        # Built on the first use (learning costs a few python-iptables builds).
+        # Learned from `samples` the first time one commit writes more than `learn_after`
+        # rules: learning costs as much as a few thousand python-iptables builds, so a
+        # small cluster's syncs never wait for it.
         self.encoder: EntryEncoder | None = None
         self._samples = samples
+        self.learn_after = learn_after
+        self._staged = 0
+        self._written: dict[str, Written] = {}
 
     def _entry(self, argv: Argv) -> Any:
         """The rule's binary entry: from the fast encoder, else python-iptables (cached).
@@ -108,7 +178,7 @@ class IptcApplier:
         """
         if "set" in argv and argv[argv.index("set") - 1] == "-m":
             return built_entry(argv)
-        if self._samples is not None and self.encoder is None:
+        if self._samples is not None and self.encoder is None and self._staged >= self.learn_after:
             self.encoder = EntryEncoder(self._samples())
         entry = self.encoder.encode(argv) if self.encoder is not None else None
         if entry is None:
@@ -125,39 +195,81 @@ class IptcApplier:
                 self._apply_table(state)
 
     def _apply_table(self, state: TableState) -> None:
+        last = self._written.pop(state.name, None)
+        trusted = last if state.partial and last is not None else None
+        if trusted is not None and table_info(state.name) != trusted.info:
+            log.debug("%s changed since the last commit: rewriting all it asks for", state.name)
+            trusted = None
+        if trusted is not None and _nothing_to_do(state, trusted):
+            self._written[state.name] = trusted
+            return
         table = iptc.Table(state.name, autocommit=False)
         table.refresh()
         try:
-            self._stage(table, state)
+            rewrite, stale = self._stage(table, state, trusted)
             table.commit()
         except iptc.IPTCError as err:
             raise ApplyError(f"{state.name}: {err}") from err
         finally:
             table.close()  # frees libiptc's copy of the table until the next sync
+        info = table_info(state.name)
+        if info is None:
+            return
+        if trusted is None:
+            chains: dict[str, list[Argv] | None] = dict.fromkeys(state.kept)
+        else:
+            chains = trusted.chains
+            for chain in stale:
+                del chains[chain]
+            chains.update(dict.fromkeys(state.kept - chains.keys()))
+        chains.update(rewrite)
+        self._written[state.name] = Written(info, chains, state.jumps, state.ensured)
 
-    def _stage(self, table: Any, state: TableState) -> None:
-        if state.kept and not table.is_chain(CANARY):
-            raise KeptChainMissing(f"{state.name}: {CANARY} is gone")
-        for chain in state.kept:
-            if not table.is_chain(chain) or not table.first_rule(chain):
-                raise KeptChainMissing(f"{state.name}: {chain} is gone or empty")
-        existing = set(chain_names(table))
-        for chain in state.chains:
-            if chain in existing:
-                table.flush_entries(chain)
-            else:
-                table.create_chain(chain)
-        for chain, rules in state.chains.items():
+    def _stage(
+        self, table: Any, state: TableState, trusted: Written | None
+    ) -> tuple[dict[str, list[Argv]], list[str]]:
+        """Stage the table's changes in libiptc; returns the chains (re)written and deleted.
+
+        With `trusted` (the kernel's table is as the last commit left it), chains
+        whose rules are unchanged are left alone and nothing is checked.
+        """
+        existing: Collection[str]
+        owned: Collection[str]
+        if trusted is None:
+            existing = set(chain_names(table))
+            if state.kept and CANARY not in existing:
+                raise KeptChainMissing(f"{state.name}: {CANARY} is gone")
+            for chain in state.kept:
+                if chain not in existing or not table.first_rule(chain):
+                    raise KeptChainMissing(f"{state.name}: {chain} is gone or empty")
+            rewrite = state.chains
+            owned = [chain for chain in existing if is_owned(chain)]
+        else:
+            existing = owned = trusted.chains.keys()
+            rewrite = {c: r for c, r in state.chains.items() if trusted.chains.get(c) != r}
+        self._staged = sum(len(rules) for rules in rewrite.values())
+        lib = table._iptc  # python-iptables' libiptc calls, without a wrapper per rule
+        names = {chain: chain.encode() for chain in rewrite}
+        for chain, name in names.items():
+            fill = lib.iptc_flush_entries if chain in existing else lib.iptc_create_chain
+            _checked(table, fill(name, table._handle), chain)
+        for chain, rules in rewrite.items():
+            name = names[chain]
             for argv in rules:
-                table.append_entry(chain, self._entry(argv))
-        self._ensure_shared(table, state)
-        self._reconcile_jumps(table, state)
+                entry = self._entry(argv)
+                pointer = entry if type(entry) is bytes else ctypes.cast(entry, ctypes.c_void_p)
+                _checked(table, lib.iptc_append_entry(name, pointer, table._handle), chain)
+        if trusted is None or state.ensured != trusted.ensured:
+            self._ensure_shared(table, state)
+        if trusted is None or state.jumps != trusted.jumps:
+            self._reconcile_jumps(table, state)
         wanted = state.chains.keys() | state.kept
-        stale = [chain for chain in existing if is_owned(chain) and chain not in wanted]
+        stale = [chain for chain in owned if chain not in wanted]
         for chain in stale:
             table.flush_entries(chain)
         for chain in stale:
             table.delete_chain(chain)
+        return rewrite, stale
 
     def _ensure_shared(self, table: Any, state: TableState) -> None:
         """Create kubelet-shared chains when missing and append the rules they lack.
@@ -205,6 +317,22 @@ class IptcApplier:
     def cleanup(self, table_names: tuple[str, ...] = ("nat", "filter", "mangle")) -> None:
         """Remove every chain and jump rule the agent owns (``--cleanup``): apply nothing."""
         self.apply([TableState(name) for name in table_names])
+
+
+def _checked(table: Any, status: int, chain: str) -> None:
+    """Raise libiptc's error when one of its calls on `chain` failed."""
+    if status != 1:
+        raise iptc.IPTCError(f"{chain}: {table.strerror()}")
+
+
+def _nothing_to_do(state: TableState, written: Written) -> bool:
+    """Whether the kernel, unchanged since `written`, already holds `state`."""
+    return (
+        written.chains.keys() == state.chains.keys() | state.kept
+        and all(written.chains[chain] == rules for chain, rules in state.chains.items())
+        and state.jumps == written.jumps
+        and state.ensured == written.ensured
+    )
 
 
 def backend_report() -> list[str]:

@@ -63,7 +63,8 @@ class IptablesBackend:
             ips = (ip for ip in self.node_addresses() if any(ip in c for c in self.nodeport_cidrs))
             node = dataclasses.replace(node, nodeport_ips=tuple(ips))
         rendered = self.renderer.render(services, endpoints, rewrite, node)
-        mangle = TableState("mangle", chains={CANARY: []})  # kube-proxy's canary lives here too
+        # kube-proxy's canary lives in mangle too
+        mangle = TableState("mangle", chains={CANARY: []}, partial=rewrite is not None)
         self.applier.apply([*rendered.tables, mangle])
         self.metrics.count_rules({t.name: t.rule_count() for t in rendered.tables})
         self.metrics.set_no_local_endpoints(rendered.no_local_endpoints)

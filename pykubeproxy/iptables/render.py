@@ -362,8 +362,9 @@ class Renderer:
         """
         cfg = self.cfg
         nat_jumps, filter_jumps = jump_rules()
-        nat = TableState("nat", jumps=nat_jumps)
-        filt = TableState("filter", jumps=filter_jumps)
+        partial = rewrite is not None
+        nat = TableState("nat", jumps=nat_jumps, partial=partial)
+        filt = TableState("filter", jumps=filter_jumps, partial=partial)
         total = sum(len(endpoints.get(name, ())) for name in services)
         large = total > LARGE_CLUSTER_ENDPOINTS
         # Only the per-Service chains depend on the node's identity, not its NodePort IPs.

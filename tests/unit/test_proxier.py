@@ -14,7 +14,7 @@ from pykubeproxy.iptables.render import RenderConfig, Renderer, service_chain
 from pykubeproxy.iptables.ruleset import TableState
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import NamespacedName, Protocol, ServicePortName
-from pykubeproxy.proxier import Proxier
+from pykubeproxy.proxier import HOURLY, Proxier
 
 
 class Applier:
@@ -124,6 +124,20 @@ def test_partial_then_periodic_full(setup: Any) -> None:
     assert sample(proxier, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", V4) == 2
     assert sample(proxier, "kubeproxy_sync_proxy_rules_iptables_total", {**V4, "table": "nat"}) > 0
     assert sample(proxier, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 3
+
+
+def test_iptables_mode_rewrites_everything_hourly_and_only_changes_between(
+    setup: Any,
+) -> None:
+    proxier, applier, _, clock = setup
+    proxier.full_sync_period = HOURLY
+    two_services_synced(proxier)
+    clock.now = 31  # a periodic sync with nothing changed keeps every Service's chains
+    proxier.sync()
+    assert {chain("web"), chain("api")} <= nat(applier.calls[-1]).kept
+    clock.now = HOURLY + 1
+    proxier.sync()
+    assert not nat(applier.calls[-1]).kept
 
 
 def test_missing_kept_chain_falls_back_to_full(setup: Any) -> None:
