@@ -10,7 +10,6 @@ syncs.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Address
@@ -117,7 +116,7 @@ class EndpointsChangeTracker:
                 port_name = ServicePortName(service, port.name, port.protocol)
                 known = by_port.setdefault(port_name, {})
                 for endpoint in info.endpoints:
-                    endpoint = dataclasses.replace(endpoint, port=port.port)
+                    endpoint = endpoint.with_port(port.port)
                     # The same address in two slices: a pod that reuses a terminating
                     # pod's IP wins over it (upstream's EndpointSliceCache.addEndpoints).
                     if endpoint.address not in known or not endpoint.terminating:

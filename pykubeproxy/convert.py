@@ -9,6 +9,7 @@ on data, so one malformed Service can never stop the agent or hide the others.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,9 @@ DEFAULT_AFFINITY_SECONDS = 10800
 Family = type[IPv4Address] | type[IPv6Address]
 
 
+NO_HINTS: frozenset[str] = frozenset()
+
+
 class Invalid(ValueError):
     """A field that cannot be used; the message says which and why."""
 
@@ -43,7 +47,7 @@ class Invalid(ValueError):
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # dict: JSON's, and fast
         raise Invalid(f"{what} is not an object")
     return value
 
@@ -86,6 +90,10 @@ def parse_ip_sloppy(text: str) -> IPAddress:
     spellings like ``010.001.002.003``; upstream (k8s.io/utils/net ParseIPSloppy)
     reads each octet as decimal, so ``010`` is 10, never octal 8. Raises ValueError.
     """
+    try:  # the common case, an IPv4 address as the API writes it, at C speed
+        return IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
     text = text.strip()
     try:
         return ip_address(text)
@@ -115,7 +123,7 @@ def _string(value: Any, what: str) -> str:
 
 def object_name(obj: Any) -> NamespacedName:
     """The namespace/name of an object; raises Invalid when it has none."""
-    meta = _mapping(obj.get("metadata") if isinstance(obj, Mapping) else None, "metadata")
+    meta = _mapping(obj.get("metadata") if isinstance(obj, dict | Mapping) else None, "metadata")
     namespace = _string(meta.get("namespace"), "metadata.namespace")
     name = _string(meta.get("name"), "metadata.name")
     if not name:
@@ -343,6 +351,8 @@ def _endpoint_slice(obj: Any, family: Family, owner: str) -> EndpointSliceInfo |
         hints = _mapping(endpoint.get("hints"), "hints")
 
         def hint_names(key: str) -> frozenset[str]:
+            if not hints:
+                return NO_HINTS
             return frozenset(
                 h["name"]
                 for h in _list(hints.get(key), f"hints.{key}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 IPAddress = IPv4Address | IPv6Address
@@ -102,12 +103,26 @@ class Endpoint:
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
 
-    @property
+    @cached_property
     def address(self) -> str:
-        """``ip:port`` as kube-proxy writes it (IPv6 in brackets)."""
+        """``ip:port`` as kube-proxy writes it (IPv6 in brackets); made once, used by every
+        sync."""
         if isinstance(self.ip, IPv6Address):
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
+
+    def with_port(self, port: int) -> Endpoint:
+        """This endpoint on one of its slice's ports (faster than dataclasses.replace)."""
+        return Endpoint(
+            self.ip,
+            port,
+            self.ready,
+            self.serving,
+            self.terminating,
+            self.node_name,
+            self.zone_hints,
+            self.node_hints,
+        )
 
     @property
     def serving_terminating(self) -> bool:
