@@ -11,7 +11,7 @@ Service, filtered to the port.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -33,6 +33,11 @@ class NamespacedName:
     name: str
 
     def __str__(self) -> str:
+        return self.text
+
+    @cached_property
+    def text(self) -> str:
+        """``namespace/name``, made once: rule comments and chain hashes use it often."""
         return f"{self.namespace}/{self.name}"
 
 
@@ -45,6 +50,11 @@ class ServicePortName:
     protocol: Protocol
 
     def __str__(self) -> str:
+        return self.text
+
+    @cached_property
+    def text(self) -> str:
+        """``namespace/name:port``, made once: rule comments and chain hashes use it often."""
         if self.port:
             return f"{self.service}:{self.port}"
         return str(self.service)
@@ -89,9 +99,13 @@ class ServicePort:
         )
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
-    """One backend address of a ServicePort, with the EndpointSlice conditions."""
+    """One backend address of a ServicePort, with the EndpointSlice conditions.
+
+    Slotted: a large cluster holds a few hundred thousand of these (each slice's
+    and each Service port's), and an instance dict would double their memory.
+    """
 
     ip: IPAddress
     port: int
@@ -102,14 +116,18 @@ class Endpoint:
     # Topology hints of the EndpointSlice controller (hints.forZones / hints.forNodes).
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    # The address as rules write it: made once, used by every sync.
+    ip_text: str = field(init=False, compare=False, repr=False)
 
-    @cached_property
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ip_text", str(self.ip))
+
+    @property
     def address(self) -> str:
-        """``ip:port`` as kube-proxy writes it (IPv6 in brackets); made once, used by every
-        sync."""
+        """``ip:port`` as kube-proxy writes it (IPv6 in brackets)."""
         if isinstance(self.ip, IPv6Address):
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+            return f"[{self.ip_text}]:{self.port}"
+        return f"{self.ip_text}:{self.port}"
 
     def with_port(self, port: int) -> Endpoint:
         """This endpoint on one of its slice's ports (faster than dataclasses.replace)."""

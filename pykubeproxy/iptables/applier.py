@@ -193,6 +193,9 @@ class IptcApplier:
         with xtables_lock(self.lock_path):
             for state in tables:
                 self._apply_table(state)
+        # libiptc's copy of a large table is freed by now, but malloc keeps the pages;
+        # hand them back so the agent's resident memory between syncs is what it holds.
+        _libc.malloc_trim(0)
 
     def _apply_table(self, state: TableState) -> None:
         last = self._written.pop(state.name, None)

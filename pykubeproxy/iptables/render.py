@@ -145,9 +145,9 @@ def render_service(
     chosen = categorize(endpoints, svc, node.name, node.zone)
     has_any = chosen.has_any
     cluster_chain = service_chain(svc.name)
-    local_chain = service_chain(svc.name, "KUBE-SVL-")
-    ext_chain = service_chain(svc.name, "KUBE-EXT-")
-    fw_chain = service_chain(svc.name, "KUBE-FW-")
+    suffix = cluster_chain.removeprefix("KUBE-SVC-")  # the four chains share one hash
+    local_chain, ext_chain, fw_chain = (f"KUBE-{kind}-{suffix}" for kind in ("SVL", "EXT", "FW"))
+    endpoint_chains = {ep.address: endpoint_chain(svc.name, ep) for ep in chosen.reachable}
 
     internal_chain, has_internal = cluster_chain, has_any
     if svc.internal_policy_local:
@@ -246,7 +246,7 @@ def render_service(
 
     def dispatch(chain: str, targets: tuple[Endpoint, ...]) -> None:
         rules = chains.setdefault(chain, [])
-        seps = [(ep, endpoint_chain(svc.name, ep)) for ep in targets]
+        seps = [(ep, endpoint_chains[ep.address]) for ep in targets]
         if svc.session_affinity_seconds is not None:
             rules += [
                 (*commented(f"{name} -> {ep.address}"), "-m", "recent", "--name", sep,
@@ -265,12 +265,12 @@ def render_service(
     if chosen.local and svc.uses_local_endpoints:
         dispatch(local_chain, chosen.local)
     for ep in chosen.reachable:
-        sep = endpoint_chain(svc.name, ep)
+        sep = endpoint_chains[ep.address]
         remember: Argv = ()
         if svc.session_affinity_seconds is not None:
             remember = ("-m", "recent", "--name", sep, "--set")
         chains[sep] = [
-            (*commented(name), "-s", str(ep.ip), "-j", MARK_MASQ),
+            (*commented(name), "-s", ep.ip_text, "-j", MARK_MASQ),
             (*commented(name), *remember, *match, "-j", "DNAT", "--to-destination", ep.address),
         ]
     return out
