@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # kube-proxy's selector: skip headless Services and Services owned by another proxy.
 PROXY_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
 PAGE_SIZE = 500
+# One list at a time in this process: a list of 10,000 objects is tens of MB once parsed,
+# and two of them (Services and EndpointSlices at start) need not be held together. The
+# time is the same either way, since parsing holds the GIL.
+LISTING = threading.Lock()
 WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, randomised like client-go's reflector
 BACKOFF_INITIAL = 0.8
 BACKOFF_MAX = 30.0
@@ -270,6 +274,24 @@ class Reflector:
         Each object is handed on as soon as it is read and then dropped, so a list of
         10,000 objects is never held twice (parsed and converted) for long.
         """
+        with LISTING:
+            seen, version = self._list_pages()
+        for key in set(self.known) - seen:
+            del self.known[key]
+            self.handler(key, None)
+        self.resource_version = version
+        log.info(
+            "%s: listed %d objects at resourceVersion %s",
+            self.kind.name,
+            len(seen),
+            self.resource_version,
+        )
+        if not self.synced:
+            self.synced = True
+            self.on_synced()
+
+    def _list_pages(self) -> tuple[set[str], str]:
+        """Read every page, handing on what changed; the keys seen and the list's version."""
         seen: set[str] = set()
         token = ""
         first_page = {"resourceVersion": "0"} if self.list_from_cache else {}
@@ -292,20 +314,7 @@ class Reflector:
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
             if not token:
-                break
-        for key in set(self.known) - seen:
-            del self.known[key]
-            self.handler(key, None)
-        self.resource_version = meta.get("resourceVersion") or ""
-        log.info(
-            "%s: listed %d objects at resourceVersion %s",
-            self.kind.name,
-            len(seen),
-            self.resource_version,
-        )
-        if not self.synced:
-            self.synced = True
-            self.on_synced()
+                return seen, meta.get("resourceVersion") or ""
 
     def watch(self) -> None:
         """Stream events from the held resourceVersion until the server ends the watch."""
