@@ -29,9 +29,11 @@ lint: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
-# iptables (in netns on this kernel), then IPVS (in one VM on Debian's kernel, ~3 min under TCG).
+# iptables (in netns on this kernel), the agent process end to end in iptables mode (~10 min),
+# then IPVS (in one VM on Debian's kernel, ~3 min under TCG).
 bench: setup
 	$(PY) bench/bench_iptables.py
+	$(PY) bench/bench_agent.py
 	$(PY) bench/bench_ipvs.py
 
 # The agent's container image. It needs Docker and Python 3 (with venv) only: none of the

@@ -145,8 +145,8 @@ def worker(size: int, fast: bool, outdir: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def netns(label: str) -> Iterator[str]:
-    name = f"pkpb-bench-{os.getpid()}-{label}"
+def netns(label: str, prefix: str = "pkpb-bench") -> Iterator[str]:
+    name = f"{prefix}-{os.getpid()}-{label}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield name
