@@ -16,7 +16,7 @@ kube-proxy's partial sync writes, taken from the node's rules after the change. 
 namespaces created here (``pkpb-agent-*``) and deleted afterwards, also on failure; the root
 namespace is never touched.
 
-    python bench/bench_agent.py [--sizes 1000,10000] [--json out.json]   # as root
+    python bench/bench_agent.py [--sizes 10,1000,10000] [--json out.json]   # as root
 """
 
 from __future__ import annotations
@@ -615,6 +615,8 @@ def rows(results: list[dict[str, Any]], args: argparse.Namespace) -> list[list[s
         ("   iptables-legacy-restore of the same rules, fresh netns, s",
          lambda r: secs(r["restore_full_s"])),
         ("   agent / restore", lambda r: ratio(r["start_s"], r["restore_full_s"])),
+        ("   of which the agent's first sync (its log), s",
+         lambda r: secs(r.get("first_full_sync_s", math.nan))),
         ("2. one endpoint change -> new rule in the kernel, p50 / max, s",
          lambda r: f"{secs(p50(r, 'change_s'))} / {secs(max(r['change_s']))}"),
         ("   iptables-legacy-restore --noflush of the changed chains, p50 / max, s",
@@ -703,7 +705,7 @@ def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1000,10000", help="comma-separated Service counts")
+    parser.add_argument("--sizes", default="10,1000,10000", help="comma-separated Service counts")
     parser.add_argument("--changes", type=int, default=10, help="single changes, new Services")
     parser.add_argument("--rate", type=float, default=20.0, help="load: endpoint changes/s")
     parser.add_argument(

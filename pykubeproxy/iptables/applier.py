@@ -32,11 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import iptc
-
 from pykubeproxy.backend import KeptChainMissing
 from pykubeproxy.iptables.encoder import EntryEncoder
-from pykubeproxy.iptables.iptc_rules import built_entry
+from pykubeproxy.iptables.iptc_rules import built_entry, iptc
 from pykubeproxy.iptables.ruleset import CANARY, Argv, Jump, TableState, rule_identity
 from pykubeproxy.ownership import is_owned
 

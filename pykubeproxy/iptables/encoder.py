@@ -38,9 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-import iptc
-
-from pykubeproxy.iptables.iptc_rules import build_rule
+from pykubeproxy.iptables.iptc_rules import build_rule, iptc
 from pykubeproxy.iptables.ruleset import Argv
 
 log = logging.getLogger(__name__)

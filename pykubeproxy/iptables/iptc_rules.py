@@ -1,14 +1,34 @@
 """Rules built by python-iptables itself: the reference every faster path is checked
-against, and the path for rules nothing else can encode."""
+against, and the path for rules nothing else can encode.
+
+The agent's modules take python-iptables (`iptc`) from here, loaded without distutils: it
+imports distutils only to ask for the site-packages path, and falls back to sysconfig when
+distutils is missing. Where setuptools is installed, importing distutils imports all of
+setuptools instead, most of a second of every start.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-import iptc
-from iptc.ip4tc import is_table_available
-
 from pykubeproxy.iptables.ruleset import Argv
+
+
+def _load_python_iptables() -> Any:
+    hidden = [name for name in ("distutils", "distutils.sysconfig") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
+    try:
+        import iptc
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return iptc
+
+
+iptc = _load_python_iptables()
+is_table_available = iptc.ip4tc.is_table_available
 
 
 def _open_tables() -> None:
