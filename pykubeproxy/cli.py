@@ -183,9 +183,12 @@ def post_events(kube: Any, client: Any, events: list[dict[str, Any]], limiter: A
 
 def run(cfg: ProxyConfig) -> int:
     from pykubeproxy.iptables import applier as iptables_applier
+    from pykubeproxy.iptables import shapes
 
     iptables = iptables_applier.IptcApplier(
-        samples=sample_rules, learn_after=iptables_applier.LEARN_AFTER
+        samples=sample_rules,
+        learn_after=iptables_applier.LEARN_AFTER,
+        shapes=str(shapes.SHIPPED_SHAPES),
     )
     if cfg.cleanup:
         iptables.cleanup()

@@ -155,14 +155,16 @@ class IptcApplier:
         *,
         samples: Callable[[], Iterable[Argv]] | None = None,
         learn_after: int = 0,
+        shapes: str | None = None,
     ) -> None:
         self.lock_path = lock_path
         # Entries only python-iptables can build, kept because each costs ~300 µs.
         self._slow_entries: dict[Argv, Any] = {}
         # Learned from `samples` the first time one commit writes more than `learn_after`
         # rules: learning costs as much as a few thousand python-iptables builds, so a
-        # small cluster's syncs never wait for it.
-        self.encoder: EntryEncoder | None = None
+        # small cluster's syncs never wait for it. With saved `shapes` it starts at once,
+        # checking each shape on its first rule (one build per shape).
+        self.encoder = EntryEncoder.from_file(shapes) if shapes is not None else None
         self._samples = samples
         self.learn_after = learn_after
         self._staged = 0

@@ -22,21 +22,33 @@ byte-identical to python-iptables' own. A shape that fails is logged once and
 left to python-iptables, and so is every value a codec does not accept in its
 canonical spelling (e.g. port ``080``, which xtables reads as octal), so the
 kernel sees exactly what the slow path would have written.
+
+Saved shapes: learning every shape takes about a second, so learned shapes can
+be saved to a JSON file and a later process created from it. Such a shape is
+not trusted either: python-iptables picks the extension revisions the running
+kernel supports, so a file made on another machine (or tampered with) may not
+match. On the first rule of a loaded shape, python-iptables builds that rule
+and the two entries are compared; a shape that differs is dropped and learned
+afresh. So a start with a file costs one python-iptables build per shape used.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import re
 import socket
 import string
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
 
 from pykubeproxy.iptables.iptc_rules import build_rule, iptc
 from pykubeproxy.iptables.ruleset import Argv
@@ -54,6 +66,8 @@ _MASKS = [((0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF).to_bytes(4, "big") for n in ra
 _PROBABILITY = re.compile(r"(0(\.[0-9]+)?|1(\.0+)?)\Z")
 _PRINTABLE = "".join(map(chr, range(0x20, 0x7F)))
 _WORD = string.ascii_letters + string.digits + "_.-"
+SHAPES_FORMAT = "pykubeproxy rule shapes"
+SHAPES_VERSION = 1  # bump when the file's layout or a codec's spelling changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,6 +319,7 @@ class EntryEncoder:
     `sample_rules()` covers every rule it emits). Shapes first seen later
     are learned and checked the same way on first use, up to `max_shapes`: a
     literal that varied per rule would otherwise make every rule a new shape.
+    `unverified` shapes (from `from_file`) are checked on their first rule.
     """
 
     def __init__(
@@ -315,19 +330,53 @@ class EntryEncoder:
         checks: int = 4,
         seed: int = 0,
         max_shapes: int = 256,
+        unverified: Mapping[Key, Shape] | None = None,
     ) -> None:
         self._build = build
         self._checks = checks
         self._max_shapes = max_shapes
         self._rng = random.Random(seed)
         self._shapes: dict[Key, Shape | None] = {}
+        self._unverified = dict(list((unverified or {}).items())[:max_shapes])
         self.encoded = 0
         self.fallbacks = 0
+        self.learned = 0  # shapes learned here (not loaded): what a saved file lacks
         examples: dict[Key, list[Argv]] = {}
         for argv in samples:
             examples.setdefault(split(argv)[0], []).append(argv)
         for key, argvs in examples.items():
             self._learn(key, argvs[:3])
+
+    @classmethod
+    def from_file(cls, path: str | Path, **options: Any) -> EntryEncoder | None:
+        """An encoder holding the shapes saved in `path`, unverified; None without a usable file.
+
+        Nothing is built here: each shape costs one python-iptables build on its first rule.
+        """
+        shapes = read_shapes(path)
+        return None if shapes is None else cls((), unverified=shapes, **options)
+
+    def save(self, path: str | Path) -> None:
+        """Write the shapes known so far (learned, checked or still unverified) to `path`.
+
+        Atomic (a temporary file renamed over `path`), so a reader never sees half a
+        file; creates the directory. Raises OSError when that fails.
+        """
+        known = {key: shape for key, shape in self._shapes.items() if shape is not None}
+        known.update(self._unverified)
+        document = {
+            "format": SHAPES_FORMAT,
+            "version": SHAPES_VERSION,
+            "shapes": [_shape_record(key, shape) for key, shape in known.items()],
+        }
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(document) + "\n")
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     @property
     def shapes(self) -> int:
@@ -343,8 +392,11 @@ class EntryEncoder:
         """The rule's entry, or None when python-iptables must build it."""
         key, values = split(argv)
         shape = self._shapes.get(key)
-        if shape is None and key not in self._shapes and len(self._shapes) < self._max_shapes:
-            shape = self._learn(key, [argv])
+        if shape is None and key not in self._shapes:
+            if key in self._unverified:
+                shape = self._check_loaded(key, argv, values)
+            elif len(self._shapes) < self._max_shapes:
+                shape = self._learn(key, [argv])
         entry = None if shape is None else self._fill(shape, values)
         if entry is None:
             self.fallbacks += 1
@@ -364,6 +416,31 @@ class EntryEncoder:
                 buf[offset : offset + len(piece)] = piece
         return bytes(buf)
 
+    def _check_loaded(self, key: Key, argv: Argv, values: list[str]) -> Shape | None:
+        """Trust a loaded shape once it gives python-iptables' bytes for this rule, else relearn.
+
+        A value the shape cannot spell leaves it unverified: python-iptables builds that
+        rule, and the next rule of the shape is the check.
+        """
+        shape = self._unverified[key]
+        entry = self._fill(shape, values)
+        if entry is None:
+            return None
+        del self._unverified[key]
+        try:
+            same = entry == self._reference(key, values)
+        except Exception:  # python-iptables refuses the rule: learning will say why
+            same = False
+        if same:
+            self._shapes[key] = shape
+            return shape
+        log.info(
+            "fast rule encoder: the saved shape of [%s] differs from python-iptables here; "
+            "learning it afresh",
+            " ".join(_shown(key)),
+        )
+        return self._learn(key, [argv])
+
     def _reference(self, key: Key, values: list[str]) -> bytes:
         chains = [v for v, arg in zip(values, _slots(key), strict=True) if arg is CHAIN]
         with resolving_chains(chains):
@@ -380,6 +457,7 @@ class EntryEncoder:
             log.warning("fast rule encoder: python-iptables builds [%s] itself: %s", shown, err)
             shape = None
         self._shapes[key] = shape
+        self.learned += shape is not None
         if len(self._shapes) == self._max_shapes:
             log.warning(
                 "fast rule encoder: %d shapes, new ones are left to python-iptables",
@@ -435,3 +513,73 @@ def _slots(key: Key) -> tuple[Codec, ...]:
 def _shown(key: Key) -> Argv:
     """A shape for people: placeholders written as ``<kind>``."""
     return tuple(f"<{arg[1:]}>" if arg in _BY_PLACEHOLDER else arg for arg in key)
+
+
+def _shape_record(key: Key, shape: Shape) -> dict[str, Any]:
+    """A shape as saved: the rule with placeholders, codec names, template and spots."""
+    return {
+        "rule": list(key),
+        "codecs": [codec.name for codec in shape.codecs],
+        "template": shape.template.hex(),
+        "spots": [[list(spot) for spot in spots] for spots in shape.spots],
+    }
+
+
+def _shape_from(record: Any) -> tuple[Key, Shape]:
+    """A saved shape, checked to be self-consistent (python-iptables checks it on first use).
+
+    Raises ValueError (or TypeError, KeyError) when the record does not fit its rule.
+    """
+    key = tuple(record["rule"])
+    if not all(isinstance(arg, str) for arg in key):
+        raise ValueError("the rule is not a list of strings")
+    codecs = _slots(key)
+    if record["codecs"] != [codec.name for codec in codecs]:
+        raise ValueError(f"[{' '.join(_shown(key))}]: codecs {record['codecs']} do not fit it")
+    template = bytes.fromhex(record["template"])
+    spots = tuple(tuple((index, offset) for index, offset in spots) for spots in record["spots"])
+    if len(spots) != len(codecs):
+        raise ValueError(f"[{' '.join(_shown(key))}]: {len(spots)} spots for {len(codecs)} values")
+    for codec, codec_spots in zip(codecs, spots, strict=True):
+        sizes = [len(piece) for piece in codec.pieces(codec.sample(0, 0)) or ()]
+        for index, offset in codec_spots:
+            if not (
+                type(index) is int
+                and type(offset) is int
+                and 0 <= index < len(sizes)
+                and 0 <= offset <= len(template) - sizes[index]
+            ):
+                raise ValueError(f"[{' '.join(_shown(key))}]: {codec.name} spot out of range")
+    return key, Shape(template, codecs, spots)
+
+
+def read_shapes(path: str | Path) -> dict[Key, Shape] | None:
+    """The shapes saved in `path`; None (and one log line) when there is no usable file.
+
+    A saved shape that does not fit its rule is left out, to be learned afresh.
+    """
+    try:
+        document = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        log.debug("no saved rule shapes at %s", path)
+        return None
+    except (OSError, ValueError) as err:
+        log.info("ignoring the saved rule shapes at %s: %s", path, err)
+        return None
+    if not (
+        isinstance(document, dict)
+        and document.get("format") == SHAPES_FORMAT
+        and document.get("version") == SHAPES_VERSION
+        and isinstance(document.get("shapes"), list)
+    ):
+        log.info("ignoring %s: not version %d of saved rule shapes", path, SHAPES_VERSION)
+        return None
+    shapes: dict[Key, Shape] = {}
+    for record in document["shapes"]:
+        try:
+            key, shape = _shape_from(record)
+        except (ValueError, TypeError, KeyError) as err:
+            log.info("saved rule shapes at %s: one is learned afresh: %s", path, err)
+            continue
+        shapes[key] = shape
+    return shapes

@@ -11,23 +11,30 @@ reach the root namespace's tables.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import random
 import shutil
 import string
 import subprocess
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, ip_network
 from pathlib import Path
+from typing import Any
 
 import iptc
 import pytest
 
-from pykubeproxy.iptables.applier import IptcApplier
+from pykubeproxy.iptables import applier as applier_module
+from pykubeproxy.iptables import encoder as encoder_module
+from pykubeproxy.iptables.applier import LEARN_AFTER, IptcApplier
 from pykubeproxy.iptables.encoder import (
+    SHAPES_VERSION,
     EntryEncoder,
+    Key,
     python_iptables_entry,
     resolving_chains,
     split,
@@ -39,6 +46,7 @@ from pykubeproxy.iptables.render import (
     sample_rules,
 )
 from pykubeproxy.iptables.ruleset import Argv, TableState
+from pykubeproxy.iptables.shapes import SHIPPED_SHAPES
 from pykubeproxy.model import (
     Endpoint,
     EndpointsMap,
@@ -347,6 +355,140 @@ def test_applier_entries_come_from_the_encoder() -> None:
     assert slow.encoder is None
 
 
+# --- saved shapes: a file from another start is checked before it is used ------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_file(encoder: EntryEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("shapes") / "rule-shapes.json"
+    encoder.save(path)
+    return path
+
+
+class CountingBuilds:
+    """A python-iptables builder (the encoder's reference by default), counting per shape."""
+
+    def __init__(self, build: Callable[[Argv], Any] = python_iptables_entry) -> None:
+        self.build = build
+        self.per_shape: Counter[Key] = Counter()
+
+    def __call__(self, argv: Argv) -> Any:
+        self.per_shape[split(argv)[0]] += 1
+        return self.build(argv)
+
+
+def tampered(source: Path, target: Path, argv: Argv, change: str) -> Path:
+    """A copy of `source` with the shape of `argv` changed: a template byte, or a codec name."""
+    document = json.loads(source.read_text())
+    (record,) = [r for r in document["shapes"] if tuple(r["rule"]) == split(argv)[0]]
+    if change == "template":
+        template = bytearray.fromhex(record["template"])
+        covered = {o + i for spots in record["spots"] for _, o in spots for i in range(16)}
+        offset = min(set(range(len(template))) - covered)  # a byte no value overwrites
+        template[offset] ^= 0x01
+        record["template"] = template.hex()
+    else:
+        record["codecs"][-1] = "port"
+    target.write_text(json.dumps(document))
+    return target
+
+
+def test_saved_shapes_give_python_iptables_bytes_after_one_build_each(shapes_file: Path) -> None:
+    builds = CountingBuilds()
+    loaded = EntryEncoder.from_file(shapes_file, build=builds)
+    assert loaded is not None and loaded.shapes == 0  # nothing is built or trusted yet
+    rules = list(dict.fromkeys(rendered("cluster-cidr", 12)))
+    for argv in rules:
+        assert loaded.encode(argv) == reference(argv), argv
+    used = {split(argv)[0] for argv in rules}
+    assert builds.per_shape.keys() == used
+    assert set(builds.per_shape.values()) == {1}
+    assert loaded.fallbacks == 0 and loaded.learned == 0 and loaded.shapes == len(used)
+
+
+def test_the_shipped_shapes_are_this_python_iptables_own() -> None:
+    """Stale after a change to the rules or to python-iptables: then run
+    `python -m pykubeproxy.iptables.shapes` (as nobody: see its docstring)."""
+    loaded = EntryEncoder.from_file(SHIPPED_SHAPES)
+    assert loaded is not None
+    samples = list(sample_rules())
+    for argv in samples:
+        assert loaded.encode(argv) == reference(argv), argv
+    assert loaded.learned == 0 and loaded.fallbacks == 0
+    assert loaded.shapes == len({split(argv)[0] for argv in samples})
+
+
+@pytest.mark.parametrize("change", ["template", "codec"])
+def test_a_tampered_saved_shape_is_learned_afresh(
+    shapes_file: Path, tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = list(dict.fromkeys(rendered("default", 12)))
+    dnat = next(argv for argv in rules if "--to-destination" in argv)
+    path = tampered(shapes_file, tmp_path / "rule-shapes.json", dnat, change)
+    builds = CountingBuilds()
+    with caplog.at_level(logging.DEBUG, "pykubeproxy.iptables.encoder"):
+        loaded = EntryEncoder.from_file(path, build=builds)
+        assert loaded is not None
+        for argv in rules:
+            assert loaded.encode(argv) == reference(argv), argv
+    assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.INFO
+    assert loaded.fallbacks == 0 and loaded.learned == 1 and not loaded.disabled
+    relearned = split(dnat)[0]
+    assert builds.per_shape[relearned] > 2  # learning: one build per variable, and checks
+    assert {n for key, n in builds.per_shape.items() if key != relearned} == {1}
+
+
+def test_a_value_the_saved_shape_cannot_spell_leaves_it_unchecked(shapes_file: Path) -> None:
+    builds = CountingBuilds()
+    loaded = EntryEncoder.from_file(shapes_file, build=builds)
+    assert loaded is not None
+    argv: Argv = ("-m", "comment", "--comment", "ns/svc:p", "-m", "tcp", "-p", "tcp",
+                  "-j", "DNAT", "--to-destination", "10.244.1.9:080")  # fmt: skip
+    assert loaded.encode(argv) is None and not builds.per_shape  # python-iptables' job
+    canonical = (*argv[:-1], "10.244.1.9:80")
+    assert loaded.encode(canonical) == reference(canonical)
+    assert sum(builds.per_shape.values()) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,  # missing
+        b"",
+        b"\xff\xfe garbage",
+        b"{not json",
+        b"[]",
+        json.dumps({"format": "pykubeproxy rule shapes", "version": 0, "shapes": []}).encode(),
+        json.dumps({"format": "something else", "version": SHAPES_VERSION, "shapes": []}).encode(),
+        json.dumps({"format": "pykubeproxy rule shapes", "version": SHAPES_VERSION}).encode(),
+        "directory",
+    ],
+)
+def test_an_unusable_shapes_file_is_no_file(
+    tmp_path: Path, shapes_file: Path, content: bytes | str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rule-shapes.json"
+    if content == "directory":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    with caplog.at_level(logging.DEBUG, "pykubeproxy.iptables.encoder"):
+        assert EntryEncoder.from_file(path) is None
+        assert IptcApplier(shapes=str(path)).encoder is None
+    assert len(caplog.records) == 2 and {r.levelno for r in caplog.records} <= {10, 20}
+
+
+def test_a_broken_saved_shape_is_left_out(tmp_path: Path, shapes_file: Path) -> None:
+    document = json.loads(shapes_file.read_text())
+    count = len(document["shapes"])
+    document["shapes"][0]["spots"] = [[[0, 10**6]]] * len(document["shapes"][0]["codecs"])
+    document["shapes"][1] = {"rule": 5}
+    path = tmp_path / "rule-shapes.json"
+    path.write_text(json.dumps(document))
+    loaded = encoder_module.read_shapes(path)
+    assert loaded is not None and len(loaded) == count - 2
+
+
 # --- kernel: the genuine slow path, and what the kernel ends up holding --------------------
 
 
@@ -391,3 +533,28 @@ def test_kernel_holds_the_same_rules_either_way(tmp_path: Path) -> None:
     assert fast.encoder.encoded >= len(set(rules_of(tables)))  # no cache: repeats re-encode
     assert fast_text == slow_text
     assert fast_text.count("\n-A ") > 800
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")
+def test_first_apply_with_saved_shapes_builds_once_per_shape(
+    tmp_path: Path, shapes_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's first sync with the image's file: no learning, one build per shape used."""
+    services, endpoints = cluster(10)
+    cfg, node = CONFIGS["cluster-cidr"]
+    tables = Renderer(cfg).render(services, endpoints, node=node).tables
+    checks = CountingBuilds(encoder_module.build_rule)  # the encoder's python-iptables builds
+    slow = CountingBuilds(applier_module.built_entry)  # the applier's own
+    monkeypatch.setattr(encoder_module, "build_rule", checks)
+    monkeypatch.setattr(applier_module, "built_entry", slow)
+    lock = str(tmp_path / "lock")
+    fast = IptcApplier(lock, samples=sample_rules, learn_after=LEARN_AFTER, shapes=str(shapes_file))
+    assert fast.encoder is not None  # from the file at once, not after LEARN_AFTER rules
+    fast_text = save(tables, fast)
+    assert not slow.per_shape
+    used = {split(argv)[0] for argv in rules_of(tables)}
+    assert checks.per_shape.keys() == used and set(checks.per_shape.values()) == {1}
+    assert fast.encoder.fallbacks == 0 and fast.encoder.learned == 0
+    assert fast_text == save(tables, IptcApplier(str(tmp_path / "lock")))
+    assert fast_text.count("\n-A ") > 100
