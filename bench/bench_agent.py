@@ -502,7 +502,13 @@ class AgentRun:
         self.out["change_s"] = latencies
         self.out["restore_delta_s"] = restores
         self.out["restore_delta_rules"] = delta.read_text().count("\n-A ")
-        self.out["reference_matches"] = normalized(save(self.ref)) == normalized(before_text)
+        reference, node = normalized(save(self.ref)), normalized(before_text)
+        self.out["reference_matches"] = reference == node
+        self.out["reference_differences"] = [
+            f"{table}: {sorted(set(reference.get(table, [])) ^ set(lines))[:4]}"
+            for table, lines in node.items()
+            if reference.get(table) != lines
+        ]
         count0, sum0 = sync_stats(metrics, "partial")
         count1, sum1 = sync_stats(self.lab.metrics(), "partial")
         if count1 > count0:
@@ -679,7 +685,8 @@ def notes(results: list[dict[str, Any]], args: argparse.Namespace, when: str) ->
             f"{load['rate']:.1f}/s, {load['superseded']} superseded before seen; "
             f"{r['idle_syncs']} syncs ({r['idle_full_syncs']} full) in the idle window; the "
             "restored copy "
-            f"{'matched' if r['reference_matches'] else 'did NOT match'} the node's rules; "
+            f"{'matched' if r['reference_matches'] else 'did NOT match'} the node's rules"
+            f"{''.join(f' ({d})' for d in r['reference_differences'])}; "
             f"delta {r['restore_delta_rules']} rules"
         )
     lines += [f"{when}", machine()]
