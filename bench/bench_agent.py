@@ -452,6 +452,8 @@ class AgentRun:
         self.out["rss_after_start_mib"] = peak_rss_mib(self.pid)
         log(f"all {expected:,} KUBE-SEP chains in the kernel after {done - started:.2f}s")
 
+        # The probe watches nat; the sync commits filter and mangle after it.
+        self.wait("the first sync to end", self.lab.synced)
         saved = save(self.node)
         self.out["rules"] = sum(line.startswith("-A ") for line in saved.splitlines())
         full = self.tmp / "full.rules"
