@@ -246,9 +246,11 @@ class Metrics:
             self.no_local_endpoints.labels(self.ip_family, policy).set(count)
 
     def reconciled(self, deleted: int, seconds: float, table_read: bool) -> None:
-        """One conntrack reconcile; upstream records no duration when the table was unread."""
-        if table_read:
-            self.conntrack_reconcile_duration.observe(seconds)
+        """One conntrack reconcile. An unread table records nothing, not even a 0 deleted
+        (upstream's CleanStaleEntries returns before both when listing the flows fails)."""
+        if not table_read:
+            return
+        self.conntrack_reconcile_duration.observe(seconds)
         self.conntrack_deleted.inc(deleted)
 
     def exposition(self) -> Response:

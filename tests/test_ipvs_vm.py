@@ -20,7 +20,9 @@ from pykubeproxy.sandbox.vm import VmMissing, VmUnavailable, in_vm, run_in_vm
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_PYTEST = ["-m", "pytest", "tests/ipvs", "-m", "ipvs", "-p", "no:cacheprovider", "-q"]
-TIMEOUT = 1200.0  # seconds, boot included; emulated (TCG) runs take a few minutes
+# Seconds, boot included. Emulated (TCG) runs take 20-25 min, ~9 of them the three-node
+# packet tests (three agents on one emulated CPU); KVM runs take a few minutes.
+TIMEOUT = 2400.0
 _SUMMARY = re.compile(r"^=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s")
 _COUNT = re.compile(r"(\d+) (\w+)")
 

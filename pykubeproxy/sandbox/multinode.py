@@ -51,7 +51,11 @@ and its EndpointSlice that the harness owns, changed on every call) and waits un
 node's ruleset shows the new barrier. Each watch delivers events in resourceVersion order
 and a sync applies everything received before it, so a ruleset showing the barrier also
 holds every Service and EndpointSlice written before it. Node changes are not covered (the
-agents watch only their own Node); wait for their effect by traffic instead.
+agents watch only their own Node); wait for their effect by traffic instead. In IPVS mode a
+sync programs IPVS (with the ipsets and kube-ipvs0) before its iptables rules, so a virtual
+server alone would show a sync half done: there the barrier is also a load balancer whose
+source range leaves the nodes out, which gives it IPVS mode's one per-Service iptables rule
+(KUBE-IPVS-OUT-FILTER, filter table, written last), and that rule must show it too.
 
 Teardown: a context manager, plus :mod:`~pykubeproxy.sandbox.netns`'s atexit hook and
 ``pkp-<pid>-...`` names that :func:`~pykubeproxy.sandbox.netns.cleanup_stale` understands.
@@ -121,10 +125,13 @@ REFUSED = "refused"
 TIMEOUT = "timeout"
 DROP_TIMEOUT = 1.5  # seconds without an answer that count as "dropped"
 
-# The barrier Service: its endpoint is TEST-NET-1 and never receives traffic.
+# The barrier Service: its endpoint and (IPVS mode) LB IP and source range are TEST-NET-1,
+# and never see traffic.
 BARRIER_NAME = "sync-barrier"
 BARRIER_IP = "10.96.255.254"
 BARRIER_ENDPOINT = "192.0.2.1"
+BARRIER_LB_IP = "192.0.2.2"
+BARRIER_SOURCE_RANGE = "192.0.2.0/32"
 
 
 @dataclass(frozen=True)
@@ -508,12 +515,17 @@ class MultiNodeCluster:
         endpoint_rule = re.compile(
             rf"{re.escape(BARRIER_ENDPOINT)}:{_barrier_target(generation)}\b"
         )
+        shown = [service_rule, endpoint_rule]
+        if self.mode == "ipvs":
+            lb = rf"--vaddr {re.escape(BARRIER_LB_IP)}(?:/32)?\s"
+            port = rf"--vport {_barrier_port(generation)}\s"
+            shown.append(re.compile(rf"^-A KUBE-IPVS-OUT-FILTER (?=.*{lb})(?=.*{port})", re.M))
         waiting = set(self.nodes)
 
         def all_applied() -> bool:
             for name in sorted(waiting):
                 rules = self.rules(name)
-                if service_rule.search(rules) and endpoint_rule.search(rules):
+                if all(pattern.search(rules) for pattern in shown):
                     waiting.discard(name)
             return not waiting
 
@@ -526,11 +538,18 @@ class MultiNodeCluster:
     def _write_barrier(self) -> int:
         self._barrier += 1
         generation = self._barrier
+        ipvs_lb: Obj = {}
+        if self.mode == "ipvs":
+            ipvs_lb = {
+                "load_balancer_ip": BARRIER_LB_IP,
+                "loadBalancerSourceRanges": [BARRIER_SOURCE_RANGE],
+            }
         barrier = service(
             BARRIER_NAME,
             BARRIER_IP,
             port=_barrier_port(generation),
             target_port=_barrier_target(generation),
+            **ipvs_lb,
         )
         self.apply("services", barrier)
         endpoint = {"addresses": [BARRIER_ENDPOINT], "conditions": {"ready": True}}

@@ -6,28 +6,31 @@ kubeadm gives kube-proxy (tests/kube_proxy_node.py); the API double serves HTTPS
 service account's token, which kubeconfig.conf names. The host-wide conntrack settings are
 files of the test; the per-namespace conntrack timeouts are the node namespace's own.
 
-IPVS mode needs ip_vs, which this host's kernel lacks: the IPVS ConfigMaps are loaded by the
-unit tests (tests/unit/test_config.py).
+IPVS mode needs ip_vs, which this host's kernel may lack: the IPVS ConfigMaps run the same way
+inside the VM (tests/ipvs/test_dropin_ipvs.py, booted by tests/test_ipvs_vm.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kube_proxy_node import CONFIG_FLAG, HASHSIZE, NETFILTER, TOKEN, ConfigMapMounts
-from prometheus_client.parser import text_string_to_metric_families
-from upstream_configmaps import CONFIG_CONFS
-from upstream_metrics import expected
+from kube_proxy_node import (
+    ConfigMapMounts,
+    check_generated_configmap,
+    host_sysctls,
+    node_sysctl,
+    scraped_families,
+    start_with_configmap,
+    web_lab,
+)
 
-from pykubeproxy.sandbox.lab import Lab, endpoint_slice, service
+from pykubeproxy.sandbox.lab import Lab
 
 pytestmark = [
     pytest.mark.e2e,
@@ -36,92 +39,27 @@ pytestmark = [
     ),
 ]
 
-WEB_IP, NODE_PORT, TARGET = "10.96.0.10", 30080, 8080
-
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab(api_tls=True, api_token=TOKEN) as lab:
-        for name in ("web-0", "web-1"):
-            lab.cluster.add_pod(name).serve_tcp(TARGET)
-        pods = [lab.cluster.pods[name].ip for name in ("web-0", "web-1")]
-        lab.server.create("services", service("web", WEB_IP, 80, TARGET, node_port=NODE_PORT))
-        lab.server.create("endpointslices", endpoint_slice("web", pods, TARGET))
+    with web_lab() as lab:
         yield lab
 
 
-def host_sysctls() -> dict[str, str]:
-    """The root namespace's conntrack settings, to prove they stay as they were."""
-    values = {p.name: p.read_text() for p in NETFILTER.glob("nf_conntrack_*") if p.is_file()}
-    return {**values, "hashsize": HASHSIZE.read_text()}
-
-
 def start(lab: Lab, tmp_path: Path, tool: str) -> ConfigMapMounts:
-    mounted = ConfigMapMounts(lab, tmp_path, CONFIG_CONFS[tool, "iptables"])
-    lab.start_agent(CONFIG_FLAG, kubeconfig=False, wrapper=mounted.wrapper)
-    lab.wait_for("the web Service's rules", lambda: "default/web:p cluster IP" in lab.nat_rules())
-    lab.wait_for("the end of a sync", lab.synced)
-    return mounted
+    """The agent with `tool`'s iptables-mode ConfigMap, once the web Service's rules are in."""
 
+    def programmed() -> bool:
+        return "default/web:p cluster IP" in lab.nat_rules()
 
-def node_sysctl(lab: Lab, name: str) -> str:
-    return str(lab.cluster.node.exec(["cat", str(NETFILTER / name)]).stdout).strip()
-
-
-def configz(lab: Lab) -> dict[str, Any]:
-    status, body = lab.fetch("http://127.0.0.1:10249/configz")
-    assert status == 200
-    internal: dict[str, Any] = json.loads(body)["kubeproxy.config.k8s.io"]
-    return internal
+    return start_with_configmap(lab, tmp_path, tool, "iptables", programmed)
 
 
 @pytest.mark.parametrize("tool", ["kubeadm", "kind"])
 def test_generated_configmap_runs_unchanged(lab: Lab, tmp_path: Path, tool: str) -> None:
     before = host_sysctls()
     mounted = start(lab, tmp_path, tool)
-    replies = {lab.cluster.client.tcp_request(lab.cluster.node_ip, NODE_PORT) for _ in range(20)}
-    assert replies == {"web-0", "web-1"}
-
-    # kubeadm's zero values took upstream's defaults; kind's values took effect.
-    assert lab.fetch("http://127.0.0.1:10249/proxyMode") == (200, "iptables")
-    config = configz(lab)
-    assert (config["Mode"], config["SyncPeriod"]) == ("iptables", "30s")
-    assert config["MinSyncPeriod"] == "1s"  # kind's value; kubeadm's 0s defaulted
-    assert config["ClientConnection"]["Kubeconfig"] == "/var/lib/kube-proxy/kubeconfig.conf"
-    assert (config["MetricsBindAddress"], config["HealthzBindAddress"]) == (
-        "127.0.0.1:10249",
-        "0.0.0.0:10256",
-    )
-    assert config["HostnameOverride"] == "node-1"
-    log = lab.agent_log()
-    assert "lenient decoding" not in log and "not implement" not in log
-    [ignored] = [line for line in log.splitlines() if "flags ignored" in line]
-    assert ignored.endswith("--cluster-cidr, --iptables-min-sync-period")
-
-    # The per-namespace timeouts are the node's; the host-wide table size went to the
-    # test's file (kubeadm's maxPerCore default) or was left alone (kind's maxPerCore: 0).
-    assert node_sysctl(lab, "nf_conntrack_tcp_timeout_established") == "86400"
-    assert node_sysctl(lab, "nf_conntrack_tcp_timeout_close_wait") == "3600"
-    wanted_max = max(32768 * (os.cpu_count() or 1), 131072)
-    host_max = before["nf_conntrack_max"].strip()
-    if tool == "kind":
-        assert config["DetectLocal"]["ClusterCIDRs"] == ["10.244.0.0/16"]
-        assert "! -s 10.244.0.0/16" in lab.nat_rules()  # kind's clusterCIDR detects pods
-        assert mounted.conntrack_max.read_text().strip() == host_max
-        assert mounted.hashsize.read_text() == "1024\n" and "nf_conntrack_max" not in log
-    else:
-        assert config["DetectLocal"]["ClusterCIDRs"] is None
-        assert mounted.conntrack_max.read_text().strip() == str(wanted_max)
-        assert mounted.hashsize.read_text().strip() == str(wanted_max // 4)
-    assert host_sysctls() == before
-
-    # The start-up Event, as upstream's birthCry.
-    def starting() -> list[dict[str, Any]]:
-        return [e for e in lab.server.list("events") if e.get("reason") == "Starting"]
-
-    lab.wait_for("the Starting Event", lambda: bool(starting()))
-    [event] = starting()
-    assert event["involvedObject"]["name"] == "node-1" and event["action"] == "StartKubeProxy"
+    check_generated_configmap(lab, mounted, tool, "iptables", before)
     assert lab.stop_agent() == 0
 
 
@@ -142,21 +80,7 @@ def test_metrics_match_upstreams_table(lab: Lab, tmp_path: Path) -> None:
     with upstream's type, labels and buckets; the ones a sync records are all there."""
     start(lab, tmp_path, "kubeadm")
     assert lab.healthz()[0] == 200 and lab.fetch("http://127.0.0.1:10256/livez")[0] == 200
-    status, text = lab.fetch("http://127.0.0.1:10249/metrics")
-    assert status == 200
-    table = expected("iptables")
-    seen = set()
-    for family in text_string_to_metric_families(text):
-        name = family.name + ("_total" if family.type == "counter" else "")
-        if not name.startswith("kubeproxy_") or not family.samples:
-            continue
-        metric = table[name]
-        labels = {k for s in family.samples for k in s.labels} - {"le"}
-        assert (family.type, labels) == (metric.type, set(metric.labels)), name
-        if metric.buckets is not None:
-            les = {float(s.labels["le"]) for s in family.samples if "le" in s.labels}
-            assert les == {*metric.buckets, float("inf")}, name
-        seen.add(name)
+    seen = scraped_families(lab, "iptables")
     recorded_by_a_sync = {
         "kubeproxy_sync_proxy_rules_duration_seconds",
         "kubeproxy_sync_full_proxy_rules_duration_seconds",
