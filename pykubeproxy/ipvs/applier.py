@@ -1,9 +1,13 @@
 """Make the kernel's IPVS services, kube-ipvs0 and kube-proxy's ipsets match an `IpvsState`.
 
-The orchestration of IPVS mode's kernel work; the netlink edge is in netlink.py, the
-ipsets in ipsets.py, graceful termination in graceful.py. Every sync works by difference:
-the kernel is read first, and only what differs is written, so a sync with nothing to do
-writes nothing (`IpvsApplier.changes`).
+The orchestration of IPVS mode's kernel work; the netlink edge is in netlink.py (over
+wire.py's raw sockets), the ipsets in ipsets.py, graceful termination in graceful.py. Every
+sync works by difference, so a sync with nothing to do writes nothing
+(`IpvsApplier.changes`). A full sync reads the kernel first, in a few dumps (each ipset,
+all addresses, all virtual services) and one read of /proc/net/ip_vs (all real servers),
+which is how damage done behind the agent's back is repaired; a partial sync trusts what the last
+sync that met no refusal made (kept in memory) and reads and writes only what changed since.
+Writes are queued and sent in batches, their refusals matched to them afterwards.
 
 One bad Service never blocks the others (upstream's syncProxyRules logs a failed virtual
 or real server and goes on): a refusal is logged with the Service and the address, every
@@ -38,31 +42,39 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import Any
 
 from pykubeproxy.ipvs import ipsets
 from pykubeproxy.ipvs.graceful import DEFAULT_DRAIN_TIMEOUT, GracefulTermination
 from pykubeproxy.ipvs.ipsets import KernelSet, Member
 from pykubeproxy.ipvs.netlink import (
     GONE,
+    IPVS_CMD_DEL_SERVICE,
+    IPVS_CMD_NEW_DEST,
+    IPVS_CMD_NEW_SERVICE,
+    IPVS_CMD_SET_DEST,
+    IPVS_CMD_SET_SERVICE,
     MASQ,
     PROTOCOLS,
     IpvsError,
     Kernel,
+    KernelAddress,
     KernelDest,
     KernelRefused,
     KernelService,
     NetlinkError,
     Problems,
     bind,
-    dest_msg,
+    dest_body,
     ensure_device,
     failing,
     module_loaded,
-    service_msg,
+    nested_service_key,
+    parse_address,
+    parse_service,
+    service_attrs,
     service_options,
     unbind,
 )
@@ -71,6 +83,7 @@ from pykubeproxy.ipvs.state import (
     DUMMY_DEVICE,
     EXTERNAL_IP,
     EXTERNAL_IP_LOCAL,
+    IPSETS,
     LOAD_BALANCER,
     NODE_PORT_SCTP,
     NODE_PORT_TCP,
@@ -80,6 +93,7 @@ from pykubeproxy.ipvs.state import (
     ServiceOptions,
     VirtualServer,
 )
+from pykubeproxy.ipvs.wire import Memo
 from pykubeproxy.model import IPAddress, Protocol
 
 __all__ = ["IpvsApplier", "IpvsError", "KernelRefused"]
@@ -93,6 +107,8 @@ SERVICE_SETS = (CLUSTER_IP, EXTERNAL_IP, EXTERNAL_IP_LOCAL, LOAD_BALANCER)
 NODE_PORT_BITMAPS = {Protocol.TCP: NODE_PORT_TCP, Protocol.UDP: NODE_PORT_UDP}
 
 Network = IPv4Network | IPv6Network
+# A virtual service as a sync made it: its options and real servers.
+Made = tuple[ServiceOptions, frozenset[RealServer]]
 
 
 @dataclass
@@ -106,7 +122,9 @@ class _Claims:
     services: set[VirtualServer]
 
     @classmethod
-    def read(cls, kernel: Kernel, sets: dict[str, KernelSet], index: int | None) -> _Claims:
+    def read(
+        cls, addresses: list[KernelAddress], sets: dict[str, KernelSet], index: int | None
+    ) -> _Claims:
         def members(name: str) -> set[Member]:
             found = sets.get(name)
             return found.members if found is not None else set()
@@ -117,8 +135,8 @@ class _Claims:
                     yield m.ip, PROTOCOLS[m.proto], m.port
 
         return cls(
-            bound=kernel.addresses(index) if index is not None else set(),
-            local=kernel.addresses(),
+            bound={a.ip for a in addresses if a.ifindex == index},
+            local={a.ip for a in addresses},
             node_ports={
                 (proto, m.port)
                 for proto, spec in NODE_PORT_BITMAPS.items()
@@ -146,6 +164,54 @@ class _Claims:
         return (vs.protocol, vs.port) in self.node_ports and vs.address in self.local
 
 
+@dataclass
+class _Memos:
+    """The kernel records a full sync parsed, kept for the next one (wire.Memo)."""
+
+    services: Memo[bytes, KernelService | None] = field(default_factory=lambda: Memo(parse_service))
+    addresses: Memo[bytes, KernelAddress | None] = field(
+        default_factory=lambda: Memo(parse_address)
+    )
+    members: dict[str, Memo[bytes, Member]] = field(
+        default_factory=lambda: {spec.name: Memo(ipsets.kernel_member) for spec in IPSETS}
+    )
+
+
+@dataclass
+class _Applied:
+    """What the last sync that met no refusal made: the kernel as a partial sync trusts it."""
+
+    index: int  # kube-ipvs0
+    addresses: frozenset[IPAddress]  # bound to kube-ipvs0
+    sets: ipsets.Wanted  # the members of kube-proxy's sets
+    services: dict[VirtualServer, Made]
+
+
+class _Refusals:
+    """Reports the refusals of one virtual server's writes, which reach it in order: once
+    the virtual server itself was refused, those of its real servers follow from that and
+    are not reported (upstream skips the rest of a virtual server it could not program)."""
+
+    def __init__(self, problems: Problems, service: str, vs: VirtualServer) -> None:
+        self.problems = problems
+        self.service_name = service
+        self.vs = vs
+        self.failed = False
+
+    def service(self, err: NetlinkError) -> None:
+        self.failed = True
+        self.problems.add(f"Service {self.service_name}: virtual server {self.vs}: {err}")
+
+    def real_server(self, rs: RealServer, doing: str = "") -> Callable[[NetlinkError], None]:
+        def refused(err: NetlinkError) -> None:
+            if not self.failed:
+                self.problems.add(
+                    f"Service {self.service_name}: {doing}real server {self.vs} -> {rs}: {err}"
+                )
+
+        return refused
+
+
 class IpvsApplier:
     """Applies an `IpvsState` to IPVS, kube-ipvs0 and ipsets; drains removed real servers."""
 
@@ -159,8 +225,12 @@ class IpvsApplier:
         self.graceful = GracefulTermination(drain_timeout, clock)
         # Kernel writes of the last apply() (and of drain() since), e.g. "add service ...".
         self.changes: list[str] = []
-        # What the last apply() that had no error made: (options, real servers) per service.
-        self._applied: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
+        self._last: _Applied | None = None
+        self._memos = _Memos()
+        # Virtual services the last full sync found as wanted: what they were wanted as, and
+        # their lines of /proc/net/ip_vs then. While both stay the same, so do their real
+        # servers, and the next full sync need not look each one up.
+        self._matched: dict[VirtualServer, tuple[Made, dict[str, str]]] = {}
         self._lock = threading.RLock()
 
     def excluded(self, address: IPAddress) -> bool:
@@ -171,64 +241,120 @@ class IpvsApplier:
         with self._lock:
             return self.graceful.draining()
 
-    def _owned(self, vs: VirtualServer, claims: _Claims) -> bool:
-        return vs in self._applied or (claims.claim(vs) and not self.excluded(vs.address))
-
-    def _write(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-        """One kernel write, fn(*args, **kwargs), logged and recorded in `changes`."""
-        log.debug("IPVS applier: %s", what)
-        fn(*args, **kwargs)
-        self.changes.append(what)
+    def _owned(
+        self, vs: VirtualServer, claims: _Claims, applied: dict[VirtualServer, Made]
+    ) -> bool:
+        return vs in applied or (claims.claim(vs) and not self.excluded(vs.address))
 
     # --- apply --------------------------------------------------------------------------------
 
     def apply(self, state: IpvsState, full: bool = True) -> None:
         """Make the kernel match state; raises IpvsError after applying all it could.
 
-        With `full` false (a partial sync), the real servers of a service that this
-        object made exactly as wanted last time, and that has none draining, are not
-        read back: on a large node that read is most of a sync's cost. Full syncs
-        (at start, periodically, after a failure) read everything.
+        A full sync (at start, periodically, after a failure) reads the kernel back (module
+        docstring), then writes what differs. A partial sync (`full` false) trusts what the
+        last sync made, if that one met no refusal: it reads only the virtual services whose
+        options or real servers changed (or that drain real servers), and writes only the
+        difference; without such a last sync it is a full sync. Writes go to the kernel in
+        batches.
         """
-        wanted_sets = ipsets.parse_sets(state)
-        with self._lock, Kernel() as kernel, failing("IPVS sync"):
+        with self._lock:
+            last = self._last
+            wanted = ipsets.parse_sets(state, last.sets if last else None)
+            made, changed = _compare(state, last.services if last else {})
+            self._last = None  # trusted again only once this sync met no refusal
             self.changes = []
             problems = Problems("IPVS sync")
-            sets = ipsets.read_sets(kernel)
-            index = ensure_device(kernel, self._write)
-            claims = _Claims.read(kernel, sets, index)
-            bound = set(claims.bound)
-            claims.bound |= state.addresses  # rule (a) now, not only from the next sync on
-            ipsets.sync_sets(kernel, self._write, sets, wanted_sets, problems)
-            current = kernel.services()
-            draining = self.graceful.services()
-            for vs, opts in sorted(state.services.items()):
-                wanted = frozenset(state.real_servers.get(vs, ()))
-                if (
-                    not full
-                    and vs in current
-                    and vs not in draining
-                    and (self._applied.get(vs) == (opts, wanted))
-                ):
-                    continue
-                self._sync_service(kernel, vs, opts, current.get(vs), state, problems)
-            bind(kernel, self._write, index, state.addresses - bound, problems)
-            for vs in sorted(current.keys() - state.services.keys()):
-                if self._owned(vs, claims) and not self.excluded(vs.address):
-                    self._delete_service(kernel, vs, problems)
-            unbind(kernel, self._write, index, bound - state.addresses, problems)
-            self._applied = (
-                {}
-                if problems
-                else {
-                    vs: (opts, frozenset(state.real_servers.get(vs, ())))
-                    for vs, opts in state.services.items()
-                }
-            )
+            with Kernel(self.changes) as kernel, failing("IPVS sync"):
+                if full or last is None:
+                    index = self._full(kernel, state, wanted, made, last, problems)
+                else:
+                    index = last.index
+                    self._partial(kernel, state, wanted, last, changed, problems)
+            if not problems:
+                self._last = _Applied(index, frozenset(state.addresses), wanted, made)
             self.graceful.clear_flows()
             if self.changes:
                 log.info("IPVS sync: %d kernel changes", len(self.changes))
             problems.raise_any()
+
+    def _full(
+        self,
+        kernel: Kernel,
+        state: IpvsState,
+        wanted: ipsets.Wanted,
+        made: dict[VirtualServer, Made],
+        last: _Applied | None,
+        problems: Problems,
+    ) -> int:
+        memos = self._memos
+        sets = ipsets.read_sets(kernel, memos.members)
+        index = ensure_device(kernel)
+        addresses = kernel.addresses(memos.addresses)
+        bound = {a.ip for a in addresses if a.ifindex == index}
+        prefixes = {a.ip: a.prefixlen for a in addresses if a.ifindex == index}
+        ipsets.sync_sets(kernel, sets, wanted, problems)  # `sets` keeps what it read
+        kernel.flush()
+        current = kernel.services(memos.services)
+        table = kernel.real_servers()
+        matched, self._matched = self._matched, {}
+        for vs, opts in sorted(state.services.items()):
+            service, dests, seen = current.get(vs), table.get(vs), matched.get(vs)
+            if (
+                seen is not None
+                and seen[0] is made[vs]
+                and seen[1] == dests.lines
+                and service is not None
+                and (service.scheduler, service.flags, service.timeout) == service_options(opts)
+            ):
+                self._matched[vs] = seen
+            elif self._sync_service(kernel, vs, opts, service, dests, state, problems):
+                self._matched[vs] = (made[vs], dests.lines)
+        kernel.flush()
+        bind(kernel, index, state.addresses - bound, problems)
+        kernel.flush()
+        stale = current.keys() - state.services.keys()
+        if stale:
+            claims = _Claims.read(addresses, sets, index)
+            claims.bound |= state.addresses  # rule (a) now, not only from the next sync on
+            applied = last.services if last else {}
+            for vs in sorted(stale):
+                if self._owned(vs, claims, applied) and not self.excluded(vs.address):
+                    self._delete_service(kernel, vs, problems)
+            kernel.flush()
+        unbind(kernel, index, bound - state.addresses, prefixes, problems)
+        kernel.flush()
+        return index
+
+    def _partial(
+        self,
+        kernel: Kernel,
+        state: IpvsState,
+        wanted: ipsets.Wanted,
+        last: _Applied,
+        changed: list[VirtualServer],
+        problems: Problems,
+    ) -> None:
+        ipsets.sync_changes(kernel, last.sets, wanted, problems)
+        kernel.flush()
+        draining = self.graceful.services() & state.services.keys()
+        for vs in sorted(draining.union(changed)):
+            try:
+                current = kernel.service(vs)
+                dests = kernel.dests(vs) if current is not None else {}
+            except NetlinkError as err:
+                problems.add(f"Service {state.names.get(vs, '?')}: virtual server {vs}: {err}")
+                continue
+            self._sync_service(kernel, vs, state.services[vs], current, dests, state, problems)
+        kernel.flush()
+        bind(kernel, last.index, state.addresses - last.addresses, problems)
+        kernel.flush()
+        for vs in sorted(last.services.keys() - state.services.keys()):
+            if not self.excluded(vs.address):
+                self._delete_service(kernel, vs, problems)
+        kernel.flush()
+        unbind(kernel, last.index, last.addresses - state.addresses, {}, problems)
+        kernel.flush()
 
     def _sync_service(
         self,
@@ -236,69 +362,72 @@ class IpvsApplier:
         vs: VirtualServer,
         opts: ServiceOptions,
         current: KernelService | None,
+        dests: Mapping[RealServer, KernelDest],
         state: IpvsState,
         problems: Problems,
-    ) -> None:
+    ) -> bool:
         """One virtual server and its real servers, as upstream's syncService and
-        syncEndpoint: a refusal is reported with the Service's name and skips the rest of
-        this virtual server only."""
-        service = state.names.get(vs, "?")
-        try:
+        syncEndpoint (queued writes; `current` and `dests` are what the kernel holds).
+        True if the kernel held them as wanted: nothing written, nothing draining."""
+        refusals = _Refusals(problems, state.names.get(vs, "?"), vs)
+        matched = current is not None
+        if current is None:
+            kernel.write_ipvs(f"add service {vs}", IPVS_CMD_NEW_SERVICE,
+                              service_attrs(vs, opts), refusals.service)  # fmt: skip
+        else:
             wanted = service_options(opts)
-            if current is None:
-                self._write(f"add service {vs}", kernel.ipvs.service, "add",
-                            service=service_msg(vs, opts))  # fmt: skip
-                dests: dict[RealServer, KernelDest] = {}
-            else:
-                if (current.scheduler, current.flags, current.timeout) != wanted:
-                    # "set" edits in place: connections and stats stay ("update" would delete).
-                    scheduler, flags, timeout = wanted
-                    what = (
-                        f"set service {vs} scheduler {scheduler} flags {flags:#x} timeout {timeout}"
-                    )
-                    self._write(what, kernel.ipvs.service, "set", service=service_msg(vs, opts))
-                dests = kernel.dests(vs)
-        except NetlinkError as err:
-            problems.add(f"Service {service}: virtual server {vs}: {err}")
-            return
-        self._sync_dests(kernel, vs, state.real_servers.get(vs, set()), dests, service, problems)
+            if (current.scheduler, current.flags, current.timeout) != wanted:
+                # "set" edits in place: connections and stats stay ("update" would delete).
+                scheduler, flags, timeout = wanted
+                what = f"set service {vs} scheduler {scheduler} flags {flags:#x} timeout {timeout}"
+                kernel.write_ipvs(what, IPVS_CMD_SET_SERVICE, service_attrs(vs, opts),
+                                  refusals.service)  # fmt: skip
+                matched = False
+        real_servers = state.real_servers.get(vs, set())
+        return self._sync_dests(kernel, vs, real_servers, dests, refusals) and matched
 
     def _sync_dests(
         self,
         kernel: Kernel,
         vs: VirtualServer,
         wanted: set[RealServer],
-        current: dict[RealServer, KernelDest],
-        service: str,
-        problems: Problems,
-    ) -> None:
-        svc = service_msg(vs)
-        for rs in sorted(wanted):
+        current: Mapping[RealServer, KernelDest],
+        refusals: _Refusals,
+    ) -> bool:
+        """Queue what makes the real servers of vs as wanted; True if nothing was."""
+        missing, reset, kept = [], [], 0
+        for rs in wanted:
             self.graceful.keep(vs, rs)
             dest = current.get(rs)
-            try:
-                if dest is None:
-                    self._write(f"add {vs} -> {rs}", kernel.ipvs.dest, "add", service=svc,
-                                dest=dest_msg(rs))  # fmt: skip
-                elif (dest.weight, dest.fwd_method) != (1, MASQ):
-                    self._write(f"set {vs} -> {rs} weight 1", kernel.ipvs.dest, "set",
-                                service=svc, dest=dest_msg(rs))  # fmt: skip
-            except NetlinkError as err:
-                problems.add(f"Service {service}: real server {vs} -> {rs}: {err}")
-        for rs in sorted(current.keys() - wanted):
-            try:
-                self.graceful.retire(kernel, self._write, vs, current[rs])
-            except NetlinkError as err:
-                problems.add(f"Service {service}: remove real server {vs} -> {rs}: {err}")
+            if dest is None:
+                missing.append(rs)
+            else:
+                kept += 1
+                if dest.weight != 1 or dest.fwd_method != MASQ:
+                    reset.append(rs)
+        for rs in sorted(missing):
+            kernel.write_ipvs(f"add {vs} -> {rs}", IPVS_CMD_NEW_DEST, dest_body(vs, rs),
+                              refusals.real_server(rs))  # fmt: skip
+        for rs in sorted(reset):
+            kernel.write_ipvs(f"set {vs} -> {rs} weight 1", IPVS_CMD_SET_DEST, dest_body(vs, rs),
+                              refusals.real_server(rs))  # fmt: skip
+        if kept < len(current):
+            for rs in sorted(current.keys() - wanted):
+                refused = refusals.real_server(rs, "remove ")
+                self.graceful.retire(kernel, vs, current[rs], refused)
+            return False
+        return not missing and not reset
 
     def _delete_service(self, kernel: Kernel, vs: VirtualServer, problems: Problems) -> None:
-        try:
-            self._write(f"delete service {vs}", kernel.ipvs.service, "del",
-                        service=service_msg(vs))  # fmt: skip
-        except NetlinkError as err:
+        """Queue deleting a virtual service (one already gone is fine); nothing of it drains
+        any more."""
+
+        def refused(err: NetlinkError) -> None:
             if err.code not in GONE:
                 problems.add(f"delete virtual server {vs}: {err}")
-                return
+
+        kernel.write_ipvs(f"delete service {vs}", IPVS_CMD_DEL_SERVICE, nested_service_key(vs),
+                          refused)  # fmt: skip
         self.graceful.service_deleted(vs)
 
     # --- drain --------------------------------------------------------------------------------
@@ -309,8 +438,9 @@ class IpvsApplier:
             if not self.graceful.draining():
                 return
             problems = Problems("IPVS drain")
-            with Kernel() as kernel, failing("IPVS drain"):
-                self.graceful.drain(kernel, self._write, problems)
+            with Kernel(self.changes) as kernel, failing("IPVS drain"):
+                self.graceful.drain(kernel, problems)
+                kernel.flush()
             self.graceful.clear_flows()
             problems.raise_any()
 
@@ -322,13 +452,15 @@ class IpvsApplier:
             if not module_loaded("ip_vs"):
                 return 0, 0
             owned = self._owned_services(kernel)
-            return len(owned), sum(len(kernel.dests(vs)) for vs in owned)
+            table = kernel.real_servers()
+            return len(owned), sum(len(table.get(vs)) for vs in owned)
 
     def _owned_services(self, kernel: Kernel) -> list[VirtualServer]:
         """The kernel's virtual services the agent owns (module docstring)."""
         sets = ipsets.read_sets(kernel) if module_loaded("ip_set") else {}
-        claims = _Claims.read(kernel, sets, kernel.device())
-        return [vs for vs in sorted(kernel.services()) if self._owned(vs, claims)]
+        claims = _Claims.read(kernel.addresses(), sets, kernel.device())
+        applied = self._last.services if self._last else {}
+        return [vs for vs in sorted(kernel.services()) if self._owned(vs, claims, applied)]
 
     def check_scheduler(self, name: str) -> None:
         """Raise ValueError unless IPVS works here with this scheduler.
@@ -354,7 +486,7 @@ class IpvsApplier:
                 raise ValueError(f"cannot probe IPVS scheduler {name!r}: probe addresses in use")
             probe = VirtualServer(PROBE_ADDRESS, free[0], Protocol.TCP)
             try:
-                kernel.ipvs.service("add", service=service_msg(probe, ServiceOptions(name)))
+                kernel.call_ipvs(IPVS_CMD_NEW_SERVICE, service_attrs(probe, ServiceOptions(name)))
             except NetlinkError as err:
                 if err.code == errno.ENOENT:
                     raise ValueError(
@@ -363,9 +495,9 @@ class IpvsApplier:
                     ) from err
                 raise ValueError(f"cannot use IPVS scheduler {name!r}: {err}") from err
             try:
-                found = kernel.services().get(probe)
+                found = kernel.service(probe)
             finally:
-                kernel.ipvs.service("del", service=service_msg(probe))
+                kernel.call_ipvs(IPVS_CMD_DEL_SERVICE, nested_service_key(probe))
             if found is None or found.scheduler != name:
                 raise ValueError(f"IPVS did not keep a service with scheduler {name!r}")
 
@@ -386,7 +518,8 @@ class IpvsApplier:
                     step(kernel)
                 except (NetlinkError, OSError) as err:
                     log.warning("cleanup: cannot remove the %s: %s", what, err)
-            self._applied.clear()
+            self._last = None
+            self._matched.clear()
             self.graceful.clear_flows()
             self.graceful.clear()
 
@@ -397,15 +530,34 @@ class IpvsApplier:
         for vs in self._owned_services(kernel):
             if not self.excluded(vs.address):
                 self._delete_service(kernel, vs, problems)
+        kernel.flush()
 
     @staticmethod
     def _cleanup_device(kernel: Kernel) -> None:
         index = kernel.device()
         if index is not None:
-            kernel.ipr.link("del", index=index)
+            kernel.delete_device(index)
             log.info("cleanup: deleted %s", DUMMY_DEVICE)
 
     @staticmethod
     def _cleanup_sets(kernel: Kernel) -> None:
         if module_loaded("ip_set"):
             ipsets.destroy_sets(kernel)
+
+
+def _compare(
+    state: IpvsState, before: dict[VirtualServer, Made]
+) -> tuple[dict[VirtualServer, Made], list[VirtualServer]]:
+    """What a sync of state makes of each virtual service, and those that differ from
+    `before` (what the last sync made); an unchanged one keeps its old record."""
+    made: dict[VirtualServer, Made] = {}
+    changed = []
+    for vs, opts in state.services.items():
+        real_servers = state.real_servers.get(vs, set())
+        old = before.get(vs)
+        if old is not None and old[0] == opts and old[1] == real_servers:
+            made[vs] = old
+        else:
+            made[vs] = (opts, frozenset(real_servers))
+            changed.append(vs)
+    return made, changed

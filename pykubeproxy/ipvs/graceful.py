@@ -28,13 +28,15 @@ from collections.abc import Callable, Iterable, Iterator
 from pykubeproxy import conntrack
 from pykubeproxy.ipvs.netlink import (
     GONE,
+    IPVS_CMD_DEL_DEST,
+    IPVS_CMD_SET_DEST,
     Kernel,
     KernelDest,
     NetlinkError,
     Problems,
-    Write,
-    dest_msg,
-    service_msg,
+    Refused,
+    dest_body,
+    refusal,
 )
 from pykubeproxy.ipvs.state import RealServer, VirtualServer
 from pykubeproxy.model import IPAddress, Protocol
@@ -70,31 +72,33 @@ class GracefulTermination:
 
     def keep(self, vs: VirtualServer, rs: RealServer) -> None:
         """A wanted real server is not (or no longer) draining."""
-        self._draining.pop((vs, rs), None)
+        if self._draining:
+            self._draining.pop((vs, rs), None)
 
     def clear(self) -> None:
         self._draining.clear()
         self._flows.clear()
 
-    def retire(self, kernel: Kernel, write: Write, vs: VirtualServer, dest: KernelDest) -> None:
-        """Remove an unwanted real server: at once if it can go, else weight 0 and drain."""
+    def retire(self, kernel: Kernel, vs: VirtualServer, dest: KernelDest, refused: Refused) -> None:
+        """Remove an unwanted real server: at once if it can go, else weight 0 and drain
+        (queued writes; a refusal goes to `refused`)."""
         if vs.protocol in FLUSHED_PROTOCOLS or dest.connections == 0:
-            self.delete(kernel, write, vs, dest.rs)
+            self.delete(kernel, vs, dest.rs, refused)
             return
         if dest.weight != 0:
             what = f"set {vs} -> {dest.rs} weight 0 (draining {dest.connections} connections)"
-            write(what, kernel.ipvs.dest, "set", service=service_msg(vs), dest=dest_msg(dest.rs, 0))
+            kernel.write_ipvs(what, IPVS_CMD_SET_DEST, dest_body(vs, dest.rs, 0), refused)
         self._draining.setdefault((vs, dest.rs), self.clock() + self.drain_timeout)
 
-    def delete(self, kernel: Kernel, write: Write, vs: VirtualServer, rs: RealServer) -> None:
-        """Delete a real server now (one already gone is fine), and later its flows."""
+    def delete(self, kernel: Kernel, vs: VirtualServer, rs: RealServer, refused: Refused) -> None:
+        """Delete a real server now (queued; one already gone is fine), and later its flows."""
         self._draining.pop((vs, rs), None)
-        try:
-            write(f"delete {vs} -> {rs}", kernel.ipvs.dest, "del", service=service_msg(vs),
-                  dest=dest_msg(rs))  # fmt: skip
-        except NetlinkError as err:
+
+        def unless_gone(err: NetlinkError) -> None:
             if err.code not in GONE:
-                raise
+                refused(err)
+
+        kernel.write_ipvs(f"delete {vs} -> {rs}", IPVS_CMD_DEL_DEST, dest_body(vs, rs), unless_gone)
         self._forget_flows(vs, rs.address)
 
     def service_deleted(self, vs: VirtualServer) -> None:
@@ -113,8 +117,9 @@ class GracefulTermination:
         elif servers is not None:
             self._flows[key] = servers | {real_server}
 
-    def drain(self, kernel: Kernel, write: Write, problems: Problems) -> None:
-        """Delete the draining real servers whose connections ended or whose time is up."""
+    def drain(self, kernel: Kernel, problems: Problems) -> None:
+        """Delete the draining real servers whose connections ended or whose time is up
+        (queued writes)."""
         by_service: dict[VirtualServer, list[RealServer]] = defaultdict(list)
         for vs, rs in self._draining:
             by_service[vs].append(rs)
@@ -128,12 +133,11 @@ class GracefulTermination:
                     continue
                 dests = {}
             for rs in sorted(servers):
-                self._drain_one(kernel, write, vs, rs, dests.get(rs), now, problems)
+                self._drain_one(kernel, vs, rs, dests.get(rs), now, problems)
 
     def _drain_one(
         self,
         kernel: Kernel,
-        write: Write,
         vs: VirtualServer,
         rs: RealServer,
         dest: KernelDest | None,
@@ -154,10 +158,7 @@ class GracefulTermination:
                 dest.connections,
                 self.drain_timeout,
             )
-        try:
-            self.delete(kernel, write, vs, rs)
-        except NetlinkError as err:
-            problems.add(f"delete {vs} -> {rs}: {err}")
+        self.delete(kernel, vs, rs, refusal(problems, f"delete {vs} -> {rs}"))
 
     def clear_flows(self, family: socket.AddressFamily = socket.AF_INET) -> None:
         """Delete the conntrack flows of the real servers and services removed so far, in

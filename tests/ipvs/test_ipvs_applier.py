@@ -262,6 +262,42 @@ def test_modify_keeps_service_connections_and_stats(cluster: Cluster, applier: I
         assert dests(cluster, CLUSTER_TCP)[cluster.pods[served].ip][1] == 1  # ActiveConn
 
 
+def test_partial_syncs_trust_the_last_and_full_syncs_repair(
+    cluster: Cluster, applier: IpvsApplier
+) -> None:
+    """A partial sync writes only what changed since the last sync, from memory; a full sync
+    reads the kernel and repairs what was done behind the agent's back."""
+    state = web_state(pods(cluster))
+    inside(cluster, lambda: applier.apply(state))
+    a, c = cluster.pods["a"].ip, cluster.pods["c"].ip
+    sh(cluster, "ipvsadm", "-D", "-t", f"{SERVICE_IP}:{TCP_PORT}")
+    sh(cluster, "ipvsadm", "-d", "-u", f"{SERVICE_IP}:{UDP_PORT}", "-r", f"{a}:{UDP_TARGET}")
+    sh(cluster, "ipset", "del", CLUSTER_IP.name, f"{SERVICE_IP},udp:{UDP_PORT}")
+    sh(cluster, "ip", "addr", "del", f"{SERVICE_IP}/32", "dev", DUMMY_DEVICE)
+
+    inside(cluster, lambda: applier.apply(state, full=False))
+    assert applier.changes == []  # nothing changed: nothing read, nothing written
+    state.real_servers[NODE_TCP] = {rs for rs in state.real_servers[NODE_TCP]
+                                    if str(rs.address) != c}  # fmt: skip
+    inside(cluster, lambda: applier.apply(state, full=False))
+    assert applier.changes == [f"delete {NODE_TCP} -> {c}:{TCP_TARGET}"]
+
+    inside(cluster, lambda: applier.apply(state))
+    assert sorted(applier.changes) == sorted([
+        f"add KUBE-CLUSTER-IP {SERVICE_IP},udp:{UDP_PORT}",
+        f"add service {CLUSTER_TCP}",
+        *(f"add {CLUSTER_TCP} -> {p.ip}:{TCP_TARGET}" for p in pods(cluster)),
+        f"add {CLUSTER_UDP} -> {a}:{UDP_TARGET}",
+        f"bind {SERVICE_IP} to {DUMMY_DEVICE}",
+    ])  # fmt: skip
+    assert len(ipvsadm(cluster)) == 4
+    assert dests(cluster, CLUSTER_UDP).keys() == {p.ip for p in pods(cluster)}
+    assert f"{SERVICE_IP},udp:{UDP_PORT}" in members(cluster, CLUSTER_IP.name)
+    assert f"{SERVICE_IP}/32" in sh(cluster, "ip", "-br", "addr", "show", "dev", DUMMY_DEVICE)
+    inside(cluster, lambda: applier.apply(state))
+    assert applier.changes == []
+
+
 class RawConn:
     """A client TCP connection that can end with a RST (SO_LINGER 0).
 

@@ -13,17 +13,15 @@ import shutil
 from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
-from socket import AF_INET
 from typing import Any
 
 import pytest
-from pyroute2.ipset import PortEntry
 
 from pykubeproxy import conntrack
-from pykubeproxy.ipvs import ipsets, sysctls
+from pykubeproxy.ipvs import ipsets, sysctls, wire
 from pykubeproxy.ipvs.applier import IpvsApplier
 from pykubeproxy.ipvs.graceful import GracefulTermination
-from pykubeproxy.ipvs.ipsets import Member, parse_member
+from pykubeproxy.ipvs.ipsets import parse_member
 from pykubeproxy.ipvs.netlink import KernelRefused, Problems
 from pykubeproxy.ipvs.state import IPSETS, IpvsState, RealServer, VirtualServer
 from pykubeproxy.ipvs.sysctls import set_sysctls
@@ -53,21 +51,6 @@ def test_members_print_as_ipset_lists_them(set_type: str, text: str, shown: str)
     assert parse_member(set_type, shown) == member  # the kernel's form compares equal
 
 
-def test_member_netlink_arguments() -> None:
-    args = parse_member("hash:ip,port,net", "1.2.3.4,udp:80,10.0.0.1/32").pyroute2_args(
-        "hash:ip,port,net"
-    )
-    ip, port, net = args["entry"]
-    assert (ip, net, args["etype"], args["family"]) == (
-        "1.2.3.4",
-        "10.0.0.1/32",
-        "ip,port,net",
-        AF_INET,
-    )
-    assert isinstance(port, PortEntry) and (port.port, port.protocol) == (80, 17)
-    assert Member(port=3001).pyroute2_args("bitmap:port") == {"entry": 3001, "etype": "port"}
-
-
 @pytest.mark.parametrize(
     ("set_type", "text"),
     [("hash:ip", "10.0.0.1,tcp:80"), ("hash:ip,port", "10.0.0.1"), ("bitmap:port", "x"),
@@ -79,14 +62,15 @@ def test_bad_members_are_rejected(set_type: str, text: str) -> None:
 
 
 def test_create_options_are_kube_proxys() -> None:
-    options = {spec.type: ipsets.create_options(spec) for spec in IPSETS}
-    assert options["bitmap:port"] == {
-        "stype": "bitmap:port", "exclusive": False, "bitmap_ports_range": (0, 65535)
-    }  # fmt: skip
-    assert options["hash:ip,port"] == {
-        "stype": "hash:ip,port", "exclusive": False, "family": AF_INET, "hashsize": 1024,
-        "maxelem": 65536,
-    }  # fmt: skip
+    def options(set_type: str) -> dict[int, bytes]:
+        spec = next(spec for spec in IPSETS if spec.type == set_type)
+        return wire.attrs(ipsets.create_data(spec)[4:])
+
+    assert options("bitmap:port") == {ipsets.ATTR_PORT: b"\0\0", ipsets.ATTR_PORT_TO: b"\xff\xff"}
+    assert options("hash:ip,port") == {
+        ipsets.ATTR_HASHSIZE: (1024).to_bytes(4, "big"),
+        ipsets.ATTR_MAXELEM: (65536).to_bytes(4, "big"),
+    }
 
 
 def test_a_bad_state_fails_before_touching_the_kernel() -> None:
@@ -133,14 +117,13 @@ def flow(protocol: Protocol, dst: str, port: int, reply_src: str) -> conntrack.F
 
 
 class FakeKernel:
-    """The IPVS socket of a Kernel, recording dest deletes."""
+    """The IPVS writes of a Kernel, recorded."""
 
     def __init__(self) -> None:
-        self.ipvs = self
-        self.deleted: list[str] = []
+        self.written: list[str] = []
 
-    def dest(self, cmd: str, service: object, dest: object) -> None:
-        self.deleted.append(cmd)
+    def write_ipvs(self, what: str, cmd: int, body: bytes, refused: Any) -> None:
+        self.written.append(what)
 
 
 def test_removed_udp_real_servers_lose_their_flows_in_one_dump(
@@ -153,12 +136,9 @@ def test_removed_udp_real_servers_lose_their_flows_in_one_dump(
     sctp = VirtualServer(ip_address("10.96.0.11"), 99, Protocol.SCTP)
     tcp = VirtualServer(ip_address("10.96.0.12"), 80, Protocol.TCP)
     graceful, kernel = GracefulTermination(), FakeKernel()
-
-    def write(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        fn(*args, **kwargs)
-
     for vs in (udp, tcp):
-        graceful.delete(kernel, write, vs, RealServer(ip_address("10.244.0.2"), 5353))
+        rs = RealServer(ip_address("10.244.0.2"), 5353)
+        graceful.delete(kernel, vs, rs, lambda err: None)  # type: ignore[arg-type]
     graceful.service_deleted(sctp)
     flows = [
         flow(Protocol.UDP, "10.96.0.10", 53, "10.244.0.2"),  # removed real server
@@ -176,7 +156,10 @@ def test_removed_udp_real_servers_lose_their_flows_in_one_dump(
     monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
     graceful.clear_flows()
     assert calls == [([flows[0], flows[3]], frozenset({Protocol.UDP, Protocol.SCTP}))]
-    assert kernel.deleted == ["del", "del"]
+    assert kernel.written == [
+        "delete 10.96.0.10:53/UDP -> 10.244.0.2:5353",
+        "delete 10.96.0.12:80/TCP -> 10.244.0.2:5353",
+    ]
     graceful.clear_flows()  # nothing new removed: no dump
     assert len(calls) == 1
 
