@@ -91,7 +91,7 @@ class ReconcileResult:
     deleted: int
     seconds: float
     # False when the table could not be read (nothing was deleted); upstream then records
-    # no reconcile duration.
+    # neither reconciler metric.
     table_read: bool = True
 
 
