@@ -291,14 +291,20 @@ class NetNS:
         with self.open_tcp(ip, port, timeout) as conn:
             return conn.ask()
 
-    def udp_request(self, ip: str, port: int, timeout: float = 2.0) -> str:
+    def udp_request(
+        self, ip: str, port: int, timeout: float = 2.0, source_port: int | None = None
+    ) -> str:
         """Send one datagram, return the reply.
 
         The socket is connected, so an ICMP port-unreachable raises ConnectionRefusedError and
         a reply from any other address than ip:port (i.e. a missing un-DNAT) is ignored.
+        source_port pins the flow's source: a load balancer keeps a UDP "connection" per
+        source port, so a randomly reused ephemeral port would reach the same backend again.
         """
         with self.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
+            if source_port is not None:
+                sock.bind(("0.0.0.0", source_port))
             sock.connect((ip, port))
             sock.send(b"ping\n")
             try:

@@ -13,6 +13,7 @@ back to the calling pod) needs kube-proxy's masquerade rules and is left to the 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import socket
 import struct
@@ -67,6 +68,9 @@ CLUSTER_TCP = VirtualServer(SERVICE_IP, TCP_PORT, Protocol.TCP)
 CLUSTER_UDP = VirtualServer(SERVICE_IP, UDP_PORT, Protocol.UDP)
 NODE_TCP = VirtualServer(NODE_IP, TCP_NODE_PORT, Protocol.TCP)
 NODE_UDP = VirtualServer(NODE_IP, UDP_NODE_PORT, Protocol.UDP)
+# below the ephemeral range (32768-60999): no other socket in the VM holds one, and each
+# test takes fresh ones, since the kernel remembers a UDP flow across tests too
+UNUSED_SOURCE_PORTS = itertools.count(20000)
 SLOW = 120.0  # seconds for work inside the node: QEMU without KVM is ~30x slower
 
 
@@ -212,7 +216,9 @@ def test_traffic_reaches_every_real_server_evenly(cluster: Cluster, applier: Ipv
         return lambda: host.tcp_request(ip, port)
 
     def udp(host: Host, ip: str, port: int) -> Callable[[], str]:
-        return lambda: host.udp_request(ip, port)
+        # IPVS keeps a UDP flow per source port for minutes: a reused ephemeral port (about a
+        # 1-in-60 chance over 30 requests) would reach the same real server twice.
+        return lambda: host.udp_request(ip, port, source_port=next(UNUSED_SOURCE_PORTS))
 
     # forwarded: outside client -> ClusterIP / NodePort
     assert spread(tcp(client, vip, TCP_PORT), 30) == {"a": 10, "b": 10, "c": 10}
