@@ -229,7 +229,8 @@ class IpvsApplier:
         self._memos = _Memos()
         # Virtual services the last full sync found as wanted: what they were wanted as, and
         # their lines of /proc/net/ip_vs then. While both stay the same, so do their real
-        # servers, and the next full sync need not look each one up.
+        # servers, and the next full sync need not look each one up (else it compares the
+        # lines with the wanted real servers as text, `ProcDests.exactly`).
         self._matched: dict[VirtualServer, tuple[Made, dict[str, str]]] = {}
         self._lock = threading.RLock()
 
@@ -298,17 +299,18 @@ class IpvsApplier:
         current = kernel.services(memos.services)
         table = kernel.real_servers()
         matched, self._matched = self._matched, {}
+        draining = self.graceful.services()
         for vs, opts in sorted(state.services.items()):
             service, dests, seen = current.get(vs), table.get(vs), matched.get(vs)
-            if (
-                seen is not None
-                and seen[0] is made[vs]
-                and seen[1] == dests.lines
-                and service is not None
+            holds = (
+                service is not None
                 and (service.scheduler, service.flags, service.timeout) == service_options(opts)
-            ):
-                self._matched[vs] = seen
-            elif self._sync_service(kernel, vs, opts, service, dests, state, problems):
+                and (
+                    (seen is not None and seen[0] is made[vs] and seen[1] == dests.lines)
+                    or (vs not in draining and dests.exactly(made[vs][1]))
+                )
+            )
+            if holds or self._sync_service(kernel, vs, opts, service, dests, state, problems):
                 self._matched[vs] = (made[vs], dests.lines)
         kernel.flush()
         bind(kernel, index, state.addresses - bound, problems)

@@ -277,6 +277,19 @@ class ProcDests(Mapping[RealServer, KernelDest]):
     def __iter__(self) -> Iterator[RealServer]:
         return (RealServer(*_proc_endpoint(text)) for text in self.lines)
 
+    def exactly(self, wanted: Collection[RealServer]) -> bool:
+        """True if these are the wanted real servers and no others, each masqueraded at
+        weight 1: what a sync would leave as it is. Compared as text, without objects: an
+        agent's first full sync over a kernel it programmed before checks every one."""
+        lines = self.lines
+        if len(lines) != len(wanted):
+            return False
+        for rs in wanted:
+            line = lines.get(_proc_text(rs.address, rs.port))
+            if line is None or not line.startswith("Masq ") or line[5:].split(None, 1)[0] != "1":
+                return False
+        return True
+
     def __len__(self) -> int:
         return len(self.lines)
 

@@ -151,6 +151,22 @@ def test_proc_ip_vs_lists_every_real_server() -> None:
     assert table.get(VirtualServer(ip_address("10.96.0.10"), 80, Protocol.UDP)).get(RS) is None
 
 
+def test_proc_ip_vs_holds_exactly_the_wanted_real_servers() -> None:
+    """What lets a full sync skip a virtual server without parsing its real servers."""
+    udp = VirtualServer(ip_address("fd00::a"), 53, Protocol.UDP)
+    v6 = RealServer(ip_address("fd00::1:2"), 5353)
+    routed = RealServer(ip_address("10.244.0.3"), 8080)
+    table = netlink.ProcTable(PROC_IP_VS)
+    assert table.get(udp).exactly({v6})
+    assert not table.get(udp).exactly(set())  # one too many
+    assert not table.get(udp).exactly({v6, RS})  # one missing
+    assert not table.get(VS).exactly({RS, routed})  # routed, at weight 0
+    masqueraded = PROC_IP_VS.replace("Route   0", "Masq    1")
+    assert netlink.ProcTable(masqueraded).get(VS).exactly({RS, routed})
+    heavier = masqueraded.replace("Masq    1      2", "Masq    10     2")
+    assert not netlink.ProcTable(heavier).get(VS).exactly({RS, routed})
+
+
 MEMBERS = [
     ("hash:ip", "10.96.0.10", "10.96.0.10", "ip"),
     ("hash:ip,port", "10.96.0.10,udp:53", ("10.96.0.10", PortEntry(53, 17)), "ip,port"),
