@@ -33,6 +33,7 @@ from typing import Any
 
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.iptables.encoder import EntryEncoder
+from pykubeproxy.iptables.iptc_rules import iptc
 from pykubeproxy.iptables.render import LocalDetector, RenderConfig, Renderer, sample_rules
 from pykubeproxy.iptables.ruleset import Argv, TableState, restore_text
 from pykubeproxy.model import (
@@ -47,6 +48,7 @@ from pykubeproxy.model import (
 
 ENDPOINTS = 5
 CONFIG = RenderConfig(local_detector=LocalDetector.by_cidr(ip_network("10.244.0.0/16")))
+FLOOR_CHAIN = "KUBE-BENCH-FLOOR"
 WORDS = ("api", "web", "auth", "cart", "search", "billing", "media", "mail", "queue", "cache")
 
 
@@ -138,7 +140,24 @@ def worker(size: int, fast: bool, outdir: Path) -> dict[str, Any]:
     out["shapes"] = encoder.shapes
     (outdir / "full.rules").write_text(restore_text(full))
     (outdir / "delta.rules").write_text(restore_text(partial))
+    out["floor_read"], out["floor_commit"] = libiptc_floor()
     return out
+
+
+def libiptc_floor() -> tuple[float, float]:
+    """What any libiptc writer pays for any change to the nat table at this size, however
+    little it changes: reading the table whole (IPT_SO_GET_ENTRIES, then libiptc's parse)
+    and replacing it whole (IPT_SO_SET_REPLACE). The change is one empty chain, removed
+    again afterwards."""
+    table = iptc.Table(iptc.Table.NAT)
+    table.autocommit = False
+    read, _ = timed(table.refresh)
+    table.create_chain(FLOOR_CHAIN)
+    commit, _ = timed(table.commit)
+    table.refresh()
+    table.delete_chain(FLOOR_CHAIN)
+    table.commit()
+    return read, commit
 
 
 # --- parent: namespaces, restore reference, table -------------------------------------------
@@ -224,13 +243,24 @@ def bench(sizes: list[int]) -> None:
             Row(
                 "iptables-legacy-restore --noflush, one-change delta*", size, d, r["restore_delta"]
             ),
+            Row("libiptc alone: read the nat table", size, n, r["floor_read"], per_rule=False),
+            Row(
+                "libiptc alone: commit it with one empty chain more",
+                size,
+                n,
+                r["floor_commit"],
+                per_rule=False,
+            ),
         ]
         notes.append(
             f"{size:,} Services: encoder {r['encode_us']:.1f} µs/rule "
             f"({r['shapes']} shapes, self-check {r['self_check']:.2f} s, "
             f"{r['fallbacks']} fallbacks); RSS after the first full sync: "
             f"ru_maxrss {r['rss_peak']:.0f} MiB, VmRSS {r['rss']:.0f} MiB "
-            f"(VmRSS before apply, rendered rules only: {r['rss_rendered']:.0f} MiB)"
+            f"(VmRSS before apply, rendered rules only: {r['rss_rendered']:.0f} MiB); "
+            f"libiptc's read + commit, which any change through libiptc pays, is "
+            f"{(r['floor_read'] + r['floor_commit']) / r['restore_delta']:.2f}x the --noflush "
+            f"delta, the commit alone {r['floor_commit'] / r['restore_delta']:.2f}x"
         )
     if 1000 in sizes:
         with tempfile.TemporaryDirectory(prefix="pkpb-bench-") as tmp:
