@@ -41,6 +41,7 @@ from pykubeproxy.ipvs.wire import (
     NLA_TYPE_MASK,
     NLM_F_ACK,
     NLM_F_DUMP,
+    NLM_F_EXCL,
     Memo,
     asciiz,
     attr,
@@ -335,7 +336,9 @@ def destroy_sets(kernel: Kernel) -> None:
     for spec in IPSETS:
         try:
             kind, body = _message(IPSET_CMD_DESTROY, _name(spec.name))
-            kernel.nfnl.request(kind, NLM_F_ACK, body)
+            # NLM_F_EXCL: without it the kernel destroys a missing set "successfully"
+            # (`ipset -exist destroy`), and every start would log 17 destroyed sets.
+            kernel.nfnl.request(kind, NLM_F_ACK | NLM_F_EXCL, body)
             log.info("cleanup: destroyed ipset %s", spec.name)
         except NetlinkError as err:
             if err.code == IPSET_ERR_BUSY:

@@ -6,6 +6,7 @@ host's kernel has ipsets but no ip_vs; the IPVS half runs in the VM tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ import pytest
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.iptables.applier import IptcApplier
 from pykubeproxy.iptables.render import RenderConfig, Renderer
+from pykubeproxy.ipvs import ipsets
+from pykubeproxy.ipvs.netlink import Kernel
 from pykubeproxy.ipvs.render import IpvsConfig, render
 from pykubeproxy.ipvs.state import IPSETS
 from pykubeproxy.model import NamespacedName, NodeFacts
@@ -110,3 +113,25 @@ def test_iptables_to_ipvs_and_back(node: NetNS) -> None:
         node.exec(["ipset", "destroy", spec.name])
     node.run_inside(applier.cleanup)
     assert [line for line in kube_lines(node) if "KUBE-FIREWALL" not in line] == []
+
+
+def test_leftover_cleanup_destroys_and_reports_only_existing_sets(
+    node: NetNS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What iptables mode's start does about IPVS mode's sets: only those that exist go,
+    only they are logged, and a set of anyone else's stays."""
+    ours = [IPSETS[1], IPSETS[-1]]
+    for spec in ours:
+        node.exec(["ipset", "create", spec.name, spec.type, *spec.create_args()])
+    node.exec(["ipset", "create", "OTHER-SET", "hash:ip"])
+
+    def destroy() -> None:
+        with Kernel() as kernel:
+            ipsets.destroy_sets(kernel)
+
+    with caplog.at_level(logging.INFO, logger="pykubeproxy.ipvs.ipsets"):
+        node.run_inside(destroy)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cleanup: destroyed ipset {spec.name}" for spec in ours
+    ]
+    assert node.exec(["ipset", "list", "-n"]).stdout.split() == ["OTHER-SET"]
