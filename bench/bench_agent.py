@@ -448,6 +448,7 @@ class AgentRun:
         self.wait(f"{expected:,} KUBE-SEP chains", lambda: probe.reads[-1].seps >= expected)
         done = next(r.when for r in probe.reads if r.seps >= expected)
         self.out["start_s"] = done - started
+        self.out["start_cpu_s"] = cpu_seconds(self.pid)  # noticed a probe read later
         self.out["start_slack_s"] = probe.slack([done])
         self.out["rss_after_start_mib"] = peak_rss_mib(self.pid)
         log(f"all {expected:,} KUBE-SEP chains in the kernel after {done - started:.2f}s")
@@ -626,6 +627,7 @@ def rows(results: list[dict[str, Any]], args: argparse.Namespace) -> list[list[s
         ("   agent / restore", lambda r: ratio(r["start_s"], r["restore_full_s"])),
         ("   of which the agent's first sync (its log), s",
          lambda r: secs(r.get("first_full_sync_s", math.nan))),
+        ("   agent CPU by then (user + system), s", lambda r: secs(r["start_cpu_s"])),
         ("2. one endpoint change -> new rule in the kernel, p50 / max, s",
          lambda r: f"{secs(p50(r, 'change_s'))} / {secs(max(r['change_s']))}"),
         ("   iptables-legacy-restore --noflush of the changed chains, p50 / max, s",
