@@ -286,7 +286,10 @@ class ProcDests(Mapping[RealServer, KernelDest]):
             return False
         for rs in wanted:
             line = lines.get(_proc_text(rs.address, rs.port))
-            if line is None or not line.startswith("Masq ") or line[5:].split(None, 1)[0] != "1":
+            if line is None:
+                return False
+            forwarding, weight, *_ = line.split(None, 2)
+            if weight != "1" or FORWARDING.get(forwarding) != MASQ:
                 return False
         return True
 
