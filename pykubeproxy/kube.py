@@ -27,6 +27,8 @@ from typing import Any
 import kubernetes
 import urllib3
 
+from pykubeproxy.gcpause import collector_paused
+
 log = logging.getLogger(__name__)
 
 # kube-proxy's selector: skip headless Services and Services owned by another proxy.
@@ -274,7 +276,7 @@ class Reflector:
         Each object is handed on as soon as it is read and then dropped, so a list of
         10,000 objects is never held twice (parsed and converted) for long.
         """
-        with LISTING:
+        with LISTING, collector_paused():
             seen, version = self._list_pages()
         for key in set(self.known) - seen:
             del self.known[key]

@@ -25,6 +25,7 @@ from pykubeproxy.backend import Backend, KeptChainMissing
 from pykubeproxy.changes import EndpointsChangeTracker, ServiceChangeTracker
 from pykubeproxy.conntrack import ConntrackReconciler, reconcile_needed
 from pykubeproxy.convert import node_facts, node_is_deleting, slice_service
+from pykubeproxy.gcpause import collector_paused
 from pykubeproxy.health import ProxyHealth
 from pykubeproxy.metrics import Metrics
 from pykubeproxy.model import (
@@ -170,6 +171,10 @@ class Proxier:
 
     def sync(self) -> None:
         """One sync; failures are counted, logged and retried with backoff."""
+        with collector_paused():
+            self._sync()
+
+    def _sync(self) -> None:
         if not self.ready():
             log.debug("not syncing until Services and EndpointSlices are listed")
             return

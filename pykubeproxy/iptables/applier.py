@@ -252,13 +252,14 @@ class IptcApplier:
             rewrite = {c: r for c, r in state.chains.items() if trusted.chains.get(c) != r}
         self._staged = sum(len(rules) for rules in rewrite.values())
         lib = table._iptc  # python-iptables' libiptc calls, without a wrapper per rule
-        names = {chain: chain.encode() for chain in rewrite}
+        # libiptc keeps user chains sorted and finds a new chain's place by walking from its
+        # index: created in order, 63,000 chains took 0.2 s instead of 0.5-0.7 s.
+        names = {chain: chain.encode() for chain in sorted(rewrite)}
         for chain, name in names.items():
             fill = lib.iptc_flush_entries if chain in existing else lib.iptc_create_chain
             _checked(table, fill(name, table._handle), chain)
-        for chain, rules in rewrite.items():
-            name = names[chain]
-            for argv in rules:
+        for chain, name in names.items():
+            for argv in rewrite[chain]:
                 entry = self._entry(argv)
                 pointer = entry if type(entry) is bytes else ctypes.cast(entry, ctypes.c_void_p)
                 _checked(table, lib.iptc_append_entry(name, pointer, table._handle), chain)

@@ -43,14 +43,13 @@ import re
 import socket
 import string
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from pykubeproxy.iptables.iptc_rules import build_rule, iptc
+from pykubeproxy.iptables.iptc_rules import build_rule, resolving_chains
 from pykubeproxy.iptables.ruleset import Argv
 
 log = logging.getLogger(__name__)
@@ -254,34 +253,6 @@ def _fill_argv(key: Key, values: Iterable[str]) -> Argv:
     """The argument vector of a shape with these variable values."""
     it = iter(values)
     return tuple(next(it) if arg in _BY_PLACEHOLDER else arg for arg in key)
-
-
-class _FakeChains:
-    """Stands in for python-iptables' table list while templates are built."""
-
-    def __init__(self, names: Collection[str]) -> None:
-        self.names = names
-
-    def is_chain(self, name: str) -> bool:
-        return name in self.names
-
-
-@contextmanager
-def resolving_chains(names: Collection[str]) -> Iterator[None]:
-    """Make python-iptables treat `names` as existing chains, without the kernel.
-
-    python-iptables decides whether ``-j NAME`` is a jump by asking every table
-    of the current network namespace whether chain NAME exists (``Rule.tables``
-    opens them all). Templates jump to made-up chains, and learning must not
-    touch any namespace's tables, so for the duration of a build the question
-    is answered from `names`. Not thread-safe: the applier is single-threaded.
-    """
-    original = iptc.Rule.tables
-    iptc.Rule.tables = property(lambda rule: [_FakeChains(names)])
-    try:
-        yield
-    finally:
-        iptc.Rule.tables = original
 
 
 def python_iptables_entry(argv: Argv) -> bytes:

@@ -36,9 +36,9 @@ from pykubeproxy.iptables.encoder import (
     EntryEncoder,
     Key,
     python_iptables_entry,
-    resolving_chains,
     split,
 )
+from pykubeproxy.iptables.iptc_rules import resolving_chains
 from pykubeproxy.iptables.render import (
     LocalDetector,
     RenderConfig,
