@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import objects as o
@@ -176,3 +177,24 @@ def test_node_deletion_makes_healthz_fail(setup: Any) -> None:
     assert proxier.health.healthz()[0] == 503
     proxier.on_node("/n1", {"metadata": {"name": "n1"}})
     assert proxier.health.healthz()[0] == 200
+
+
+def test_a_sync_runs_with_the_cyclic_collector_paused(
+    setup: tuple[Proxier, Applier, Runner, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxier, applier, _, _ = setup
+    add_web(proxier)
+    proxier.on_synced("Service")
+    proxier.on_synced("EndpointSlice")
+    seen: list[bool] = []
+    record = applier.apply
+
+    def apply(tables: list[TableState]) -> None:
+        seen.append(gc.isenabled())
+        record(tables)
+
+    monkeypatch.setattr(applier, "apply", apply)
+    gc.enable()
+    proxier.sync()
+    assert seen == [False]
+    assert gc.isenabled()
