@@ -3,7 +3,7 @@
 Why: listing 10,000 objects, converting them and rendering 180,000 rules allocate
 millions of container objects that are never part of a reference cycle. The collector
 is triggered by allocation counts, so during such a phase it runs again and again,
-each full pass walking every live object; at 10,000 Services that was about a third
+each full pass walking every live object; at 10,000 Services that was close to half
 of render time. Garbage without cycles is freed by reference counting whether the
 collector runs or not, so pausing it for a bounded phase loses nothing: any cycle made
 meanwhile is collected by the first pass after the phase.
